@@ -1,0 +1,101 @@
+"""The one place that knows Ascend from CPU/GPU.
+
+Everything device-dependent asks this module: which device target MindSpore runs on, which op flavour the
+portable layer (tav/nn.py) should build with, and which attention backend `auto` resolves to. Model code never
+branches on the device itself.
+"""
+import os
+
+import mindspore as ms
+
+DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
+MODES = {0: ms.GRAPH_MODE, 1: ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
+
+# Op flavours. "mint" = the Ascend-first `mindspore.mint` ops (fast there, many lack CPU kernels);
+# "classic" = the `nn`/`ops` ops that have CPU and GPU kernels (see docs: mindspore-cpu.md).
+FLAVOUR_MINT = "mint"
+FLAVOUR_CLASSIC = "classic"
+
+_forced_flavour = None
+
+
+def configure(device_target=None, mode=None, jit_level=None, device_id=None, max_threads=None):
+    """Set MindSpore's device and execution mode. Accepts "CPU"/"GPU"/"Ascend" and 0/1 (graph/pynative)."""
+    kwargs = {}
+    if device_target is not None:
+        target = normalise_device_target(device_target)
+        kwargs["device_target"] = target
+    if device_id is not None:
+        kwargs["device_id"] = int(device_id)
+    if mode is not None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be 0 (graph) or 1 (pynative), got {mode!r}")
+        kwargs["mode"] = MODES[mode]
+    if kwargs:
+        ms.set_context(**kwargs)
+    if jit_level is not None:
+        if jit_level not in ("O0", "O1", "O2"):
+            raise ValueError(f"jit_level must be O0, O1 or O2, got {jit_level!r}")
+        ms.set_context(jit_config={"jit_level": jit_level})
+    if max_threads is not None:
+        try:
+            ms.set_cpu_affinity(False)
+        except Exception:  # older MindSpore: no such switch; thread count below still applies
+            pass
+        os.environ.setdefault("OMP_NUM_THREADS", str(max_threads))
+
+
+def normalise_device_target(name):
+    for target in DEVICE_TARGETS:
+        if str(name).lower() == target.lower():
+            return target
+    raise ValueError(f"device_target must be one of {', '.join(DEVICE_TARGETS)}, got {name!r}")
+
+
+def device_target():
+    return ms.get_context("device_target")
+
+
+def is_ascend():
+    return device_target() == "Ascend"
+
+
+def op_flavour():
+    """Which op family the portable layers build with: mint on Ascend, classic elsewhere."""
+    if _forced_flavour is not None:
+        return _forced_flavour
+    return FLAVOUR_MINT if is_ascend() else FLAVOUR_CLASSIC
+
+
+def use_mint_ops():
+    return op_flavour() == FLAVOUR_MINT
+
+
+class force_flavour:
+    """Context manager for tests: build layers with a given flavour regardless of the device.
+
+    Only for checking the dispatch itself; mint layers built on CPU must not be *run* there.
+    """
+
+    def __init__(self, flavour):
+        if flavour not in (FLAVOUR_MINT, FLAVOUR_CLASSIC):
+            raise ValueError(f"unknown op flavour {flavour!r}")
+        self.flavour = flavour
+
+    def __enter__(self):
+        global _forced_flavour
+        self._previous = _forced_flavour
+        _forced_flavour = self.flavour
+        return self
+
+    def __exit__(self, *exc):
+        global _forced_flavour
+        _forced_flavour = self._previous
+        return False
+
+
+def supports_dtype(dtype):
+    """bf16 matmul/conv have no CPU kernels; fp16 and fp32 run everywhere."""
+    if dtype == ms.bfloat16:
+        return is_ascend()
+    return dtype in (ms.float16, ms.float32)

@@ -1,0 +1,171 @@
+"""The portable op layer: small Cells and functions that pick, once at construction, the op that runs on the
+current backend (tav.backend.op_flavour): the Ascend-first `mint` ops on Ascend, the classic `nn`/`ops` ops with
+CPU/GPU kernels elsewhere. Models are built only from these, so they never branch on the device.
+
+Parameter names are PyTorch's (`weight`, `bias`) and shapes are PyTorch's, so checkpoints load name for name.
+Random initialisation follows PyTorch's defaults (uniform +-1/sqrt(fan_in)) so a freshly built model has the
+same scale as the original.
+"""
+import math
+
+import mindspore as ms
+from mindspore import Parameter, mint, nn, ops
+from mindspore.common.initializer import One, Uniform, Zero, initializer
+
+from tav import backend
+
+
+def _uniform(shape, bound, dtype):
+    return Parameter(initializer(Uniform(bound), shape, dtype))
+
+
+class Linear(nn.Cell):
+    """y = x W^T + b, with W shaped (out, in) as in PyTorch."""
+
+    def __init__(self, in_features, out_features, bias=True, dtype=ms.float32):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = _uniform((out_features, in_features), bound, dtype)
+        self.bias = _uniform((out_features,), bound, dtype) if bias else None
+        self.use_mint = backend.use_mint_ops()
+
+    def construct(self, x):
+        if self.use_mint:
+            return mint.nn.functional.linear(x, self.weight, self.bias)
+        return ops.dense(x, self.weight, self.bias)
+
+
+class Conv2d(nn.Cell):
+    """2-D convolution on (N, C, H, W) with symmetric zero padding; weight (out, in, kh, kw)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, dtype=ms.float32):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+        self.weight = _uniform((out_channels, in_channels, kernel_size, kernel_size), bound, dtype)
+        self.bias = _uniform((out_channels,), bound, dtype) if bias else None
+        self.use_mint = backend.use_mint_ops()
+
+    def construct(self, x):
+        if self.use_mint:
+            return mint.nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        if self.padding > 0:
+            y = ops.conv2d(x, self.weight, None, self.stride, "pad", self.padding)
+        else:
+            y = ops.conv2d(x, self.weight, None, self.stride, "valid", 0)
+        if self.bias is not None:
+            y = y + self.bias.reshape(1, -1, 1, 1)
+        return y
+
+
+class InflatedConv3d(Conv2d):
+    """Tune-A-Video's pseudo-3D conv: the same 2-D kernel applied to every frame of (B, C, F, H, W).
+
+    Parameters are exactly the 2-D conv's, so SD weights load unchanged.
+    """
+
+    def construct(self, x):
+        b, c, f, h, w = x.shape
+        frames = x.transpose(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        y = super().construct(frames)
+        return y.reshape(b, f, y.shape[1], y.shape[2], y.shape[3]).transpose(0, 2, 1, 3, 4)
+
+
+class GroupNorm(nn.Cell):
+    """GroupNorm over (N, C, *): statistics per sample and group over (C/G) x all trailing axes.
+
+    On a 5-D video tensor (B, C, F, H, W) the statistics therefore span every frame, as PyTorch's GroupNorm
+    does in the official model (reference 1.5). Statistics are computed in fp32 whatever the input dtype.
+    """
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=ms.float32):
+        super().__init__()
+        if num_channels % num_groups != 0:
+            raise ValueError(f"GroupNorm: {num_channels} channels do not split into {num_groups} groups")
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.weight = Parameter(initializer(One(), (num_channels,), dtype))
+            self.bias = Parameter(initializer(Zero(), (num_channels,), dtype))
+        self.use_mint = backend.use_mint_ops()
+
+    def construct(self, x):
+        shape = x.shape
+        if self.use_mint:
+            # mint's kernel takes (N, C, *); folding trailing axes keeps the same statistics.
+            y = mint.nn.functional.group_norm(
+                x.reshape(shape[0], shape[1], -1, 1), self.num_groups, self.weight, self.bias, self.eps
+            )
+            return y.reshape(shape)
+        dtype = x.dtype
+        grouped = x.astype(ms.float32).reshape(shape[0], self.num_groups, -1)
+        mean = grouped.mean(axis=-1, keep_dims=True)
+        centred = grouped - mean
+        var = (centred * centred).mean(axis=-1, keep_dims=True)
+        normed = (centred * ops.rsqrt(var + self.eps)).reshape(shape)
+        if self.affine:
+            param_shape = (1, self.num_channels) + (1,) * (len(shape) - 2)
+            normed = normed * self.weight.astype(ms.float32).reshape(param_shape) + self.bias.astype(
+                ms.float32
+            ).reshape(param_shape)
+        return normed.astype(dtype)
+
+
+class LayerNorm(nn.Cell):
+    """LayerNorm over the last axis with PyTorch names (weight, bias) and PyTorch's default eps 1e-5."""
+
+    def __init__(self, normalized_shape, eps=1e-5, dtype=ms.float32):
+        super().__init__()
+        self.normalized_shape = normalized_shape
+        self.eps = eps
+        self.weight = Parameter(initializer(One(), (normalized_shape,), dtype))
+        self.bias = Parameter(initializer(Zero(), (normalized_shape,), dtype))
+        self.use_mint = backend.use_mint_ops()
+        if not self.use_mint:
+            self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+    def construct(self, x):
+        if self.use_mint:
+            return mint.nn.functional.layer_norm(x, (self.normalized_shape,), self.weight, self.bias, self.eps)
+        return self.layer_norm(x, self.weight.astype(x.dtype), self.bias.astype(x.dtype))[0]
+
+
+class Dropout(nn.Cell):
+    """Dropout placeholder that keeps PyTorch's module positions (e.g. `to_out.1`); Tune-A-Video uses p=0."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def construct(self, x):
+        if self.training and self.p > 0:
+            return ops.dropout(x, self.p, True)
+        return x
+
+
+def silu(x):
+    return ops.silu(x)
+
+
+def gelu(x):
+    """Exact (erf) GELU, as torch.nn.functional.gelu's default."""
+    return ops.gelu(x, approximate="none")
+
+
+def upsample_nearest(x, size):
+    """Nearest-neighbour resize of the last two axes of (N, C, H, W) to `size`, with PyTorch's 'nearest' index
+    rule src = floor(dst * in / out)."""
+    return ops.interpolate(x, size=size, mode="nearest")
+
+
+def pad_right_bottom(x, amount=1):
+    """Zero-pad one column on the right and one row at the bottom (the VAE downsampler's asymmetric pad)."""
+    return ops.pad(x, (0, amount, 0, amount))
