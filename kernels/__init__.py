@@ -1,24 +1,29 @@
 """Attention kernels and their dispatch (installed as tav.kernels).
 
-attention(q, k, v, num_heads, backend="auto", upcast=False) -> (B, Nq, H*D)
+attention(q, k, v, num_heads, backend="auto", upcast=False, chunk_size=None) -> (B, Nq, H*D)
 q: (B, Nq, H*D), k/v: (B, Nk, H*D); softmax(q k^T / sqrt(D)) v per head, heads split batch-major/head-minor.
+
+Backends: math (matmul + softmax, exact, runs everywhere), chunked (math over query chunks, bounded memory),
+flash (Ascend ops.flash_attention_score, head dim zero-padded to what it accepts), auto (flash on Ascend when
+its documented limits hold, math elsewhere). resolve_backend tells which one a call will use.
 """
-import mindspore as ms
-from mindspore import ops
+from .chunked import SCORE_BLOCK_ELEMENTS, chunked_attention, default_chunk_size
+from .dispatch import ATTENTION_BACKENDS, attention, check_attention_shapes, resolve_backend
+from .flash import flash_attention, flash_unsupported_reason, pad_head_dim, padded_head_dim, unpad_head_dim
+from .math_attention import math_attention
 
-
-def attention(q, k, v, num_heads, backend="auto", upcast=False):
-    b, nq, inner = q.shape
-    nk = k.shape[1]
-    head_dim = inner // num_heads
-    scale = head_dim**-0.5
-    qh = q.reshape(b, nq, num_heads, head_dim).transpose(0, 2, 1, 3)
-    kh = k.reshape(b, nk, num_heads, head_dim).transpose(0, 2, 3, 1)
-    vh = v.reshape(b, nk, num_heads, head_dim).transpose(0, 2, 1, 3)
-    if upcast:
-        qh = qh.astype(ms.float32)
-        kh = kh.astype(ms.float32)
-    scores = ops.matmul(qh * scale, kh)
-    probs = ops.softmax(scores, -1).astype(vh.dtype)
-    out = ops.matmul(probs, vh)
-    return out.transpose(0, 2, 1, 3).reshape(b, nq, inner)
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "SCORE_BLOCK_ELEMENTS",
+    "attention",
+    "check_attention_shapes",
+    "chunked_attention",
+    "default_chunk_size",
+    "flash_attention",
+    "flash_unsupported_reason",
+    "math_attention",
+    "pad_head_dim",
+    "padded_head_dim",
+    "resolve_backend",
+    "unpad_head_dim",
+]

@@ -1,0 +1,93 @@
+"""attention(): one entry point for attn1, attn2, attn_temp and the VAE mid-block, and the choice of backend.
+
+The choice is made by resolve_backend, a pure function of Python constants (backend name, dtype, static shapes,
+upcast) and of tav.backend's device answer. Inside a Cell's construct in GRAPH_MODE it runs once at compile time
+(ops.constexpr), so the compiled graph holds only the chosen branch: on CPU the flash branch never reaches kernel
+selection, which matters because FlashAttentionScore has no CPU kernel.
+"""
+import warnings
+
+from mindspore import ops
+
+from tav import backend as tav_backend
+
+from .chunked import chunked_attention, default_chunk_size
+from .flash import flash_attention, flash_unsupported_reason
+from .math_attention import math_attention
+
+ATTENTION_BACKENDS = ("auto", "math", "chunked", "flash")
+
+_warned = set()
+
+
+def _warn_once(message):
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def current_device():
+    """The device name the flash constraints are checked against, as tav.backend reports it."""
+    return "Ascend" if tav_backend.is_ascend() else tav_backend.device_target()
+
+
+def check_attention_shapes(q_shape, k_shape, v_shape, num_heads):
+    """Raise ValueError unless q (B, Nq, H*D) and k, v (B, Nk, H*D) fit together with num_heads heads."""
+    if len(q_shape) != 3 or len(k_shape) != 3 or tuple(k_shape) != tuple(v_shape):
+        raise ValueError(
+            f"attention expects q (B, Nq, H*D) and k, v of one shape (B, Nk, H*D); got q {tuple(q_shape)}, "
+            f"k {tuple(k_shape)}, v {tuple(v_shape)}"
+        )
+    if q_shape[0] != k_shape[0] or q_shape[2] != k_shape[2]:
+        raise ValueError(f"attention: q {tuple(q_shape)} and k {tuple(k_shape)} differ in batch or H*D")
+    if num_heads < 1 or q_shape[2] % num_heads:
+        raise ValueError(f"attention: num_heads={num_heads} does not divide the hidden size {q_shape[2]}")
+
+
+def resolve_backend(requested, dtype, q_shape, k_shape, num_heads, upcast=False):
+    """The backend attention() will actually run: "math", "chunked" or "flash".
+
+    auto    -> flash on Ascend when flash_unsupported_reason finds nothing (fp16/bf16 only), else math.
+    flash   -> flash, with fp32 inputs cast to fp16; where the kernel cannot run (any non-Ascend device,
+               upcast=True, shapes out of range) math, with a one-time warning. Warning rather than raising
+               lets a config written for Ascend run unchanged on CPU.
+    math, chunked -> themselves.
+    """
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {requested!r}")
+    if requested in ("math", "chunked"):
+        return requested
+    allow_cast = requested == "flash"
+    reason = flash_unsupported_reason(current_device(), dtype, q_shape, k_shape, num_heads, upcast, allow_cast)
+    if reason is None:
+        return "flash"
+    if requested == "flash":
+        _warn_once(f"attention backend 'flash' unavailable ({reason}); using 'math'")
+    return "math"
+
+
+@ops.constexpr
+def _plan(requested, dtype, q_shape, k_shape, v_shape, num_heads, upcast, chunk_size):
+    # Runs in Python at graph compile time (and plainly in PyNative): returns (backend, chunk size).
+    check_attention_shapes(q_shape, k_shape, v_shape, num_heads)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"attention chunk_size must be a positive int or None; got {chunk_size!r}")
+    chosen = resolve_backend(requested, dtype, q_shape, k_shape, num_heads, upcast)
+    if chosen == "chunked" and chunk_size is None:
+        chunk_size = default_chunk_size(q_shape[0], num_heads, q_shape[1], k_shape[1])
+    return chosen, chunk_size
+
+
+def attention(q, k, v, num_heads, backend="auto", upcast=False, chunk_size=None):
+    """Multi-head softmax attention. q (B, Nq, H*D), k/v (B, Nk, H*D) -> (B, Nq, H*D) in q's dtype.
+
+    backend: one of ATTENTION_BACKENDS (see resolve_backend). upcast: q.k^T and softmax in fp32 (SD 2.1).
+    chunk_size: queries per chunk for backend="chunked" (default: keep the score block under
+    chunked.SCORE_BLOCK_ELEMENTS); ignored by the other backends.
+    """
+    chosen, chunk = _plan(backend, q.dtype, q.shape, k.shape, v.shape, num_heads, upcast, chunk_size)
+    if chosen == "flash":
+        return flash_attention(q, k, v, num_heads)
+    if chosen == "chunked":
+        return chunked_attention(q, k, v, num_heads, upcast, chunk)
+    return math_attention(q, k, v, num_heads, upcast)
