@@ -1,0 +1,198 @@
+"""Attention layers of the inflated UNet: sparse-causal self-attention (attn1), cross-attention to the text
+(attn2), temporal attention over frames (attn_temp), and the transformer block/model that holds them.
+
+Token layouts follow the official model (reference 1.1): spatial tokens are ((b f), h*w, c) with frames folded
+batch-major/frame-minor; the temporal attention sees ((b h*w), f, c).
+"""
+from mindspore import nn, ops
+
+from tav.kernels import attention
+from tav.nn import Conv2d, Dropout, GroupNorm, LayerNorm, Linear, gelu
+
+
+class Attention(nn.Cell):
+    """diffusers' CrossAttention: to_q/to_k/to_v without bias (by default), to_out = [Linear + bias, Dropout].
+
+    Self-attention when `context` is None; `heads` heads of width `dim_head`, scale dim_head^-0.5.
+    """
+
+    def __init__(self, query_dim, cross_attention_dim=None, heads=8, dim_head=64, bias=False,
+                 upcast_attention=False, dropout=0.0, attention_backend="auto"):
+        super().__init__()
+        inner_dim = heads * dim_head
+        context_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
+        self.heads = heads
+        self.dim_head = dim_head
+        self.upcast_attention = upcast_attention
+        self.attention_backend = attention_backend
+        self.to_q = Linear(query_dim, inner_dim, bias=bias)
+        self.to_k = Linear(context_dim, inner_dim, bias=bias)
+        self.to_v = Linear(context_dim, inner_dim, bias=bias)
+        self.to_out = nn.CellList([Linear(inner_dim, query_dim), Dropout(dropout)])
+
+    def attend(self, q, k, v):
+        out = attention(q, k, v, self.heads, self.attention_backend, self.upcast_attention)
+        return self.to_out[1](self.to_out[0](out))
+
+    def construct(self, x, context=None):
+        if context is None:
+            context = x
+        return self.attend(self.to_q(x), self.to_k(context), self.to_v(context))
+
+
+def sparse_causal_context(tokens, video_length):
+    """((b f), d, c) -> ((b f), 2d, c): for frame i, the tokens of frame 0 followed by those of frame max(i-1, 0).
+
+    Built from two slices instead of an index gather: [0]*f is a broadcast of frame 0 and [0, 0, 1, ..., f-2]
+    is frame 0 followed by frames 0..f-2 (reference 1.10).
+    """
+    bf, d, c = tokens.shape
+    frames = tokens.reshape(bf // video_length, video_length, d, c)
+    first = frames[:, 0:1]
+    first_repeated = ops.broadcast_to(first, frames.shape)
+    if video_length > 1:
+        previous = ops.cat([first, frames[:, : video_length - 1]], 1)
+    else:
+        previous = first
+    return ops.cat([first_repeated, previous], 2).reshape(bf, 2 * d, c)
+
+
+class SparseCausalAttention(Attention):
+    """attn1: each frame's queries attend to the keys/values of frame 0 and of the previous frame."""
+
+    def construct(self, x, video_length):
+        q = self.to_q(x)
+        k = sparse_causal_context(self.to_k(x), video_length)
+        v = sparse_causal_context(self.to_v(x), video_length)
+        return self.attend(q, k, v)
+
+
+class GEGLU(nn.Cell):
+    """proj to 2*inner, split into (hidden, gate), hidden * gelu(gate) with exact GELU."""
+
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = Linear(dim_in, dim_out * 2)
+
+    def construct(self, x):
+        hidden, gate = ops.chunk(self.proj(x), 2, -1)
+        return hidden * gelu(gate)
+
+
+class GELUProjection(nn.Cell):
+    """activation_fn "gelu": Linear then exact GELU (diffusers' GELU module, key `proj`)."""
+
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = Linear(dim_in, dim_out)
+
+    def construct(self, x):
+        return gelu(self.proj(x))
+
+
+FEED_FORWARD_ACTIVATIONS = {"geglu": GEGLU, "gelu": GELUProjection}
+
+
+class FeedForward(nn.Cell):
+    """net.0 (GEGLU), net.1 (Dropout), net.2 (Linear inner -> dim); inner = mult * dim."""
+
+    def __init__(self, dim, mult=4, dropout=0.0, activation_fn="geglu"):
+        super().__init__()
+        if activation_fn not in FEED_FORWARD_ACTIVATIONS:
+            raise ValueError(f"activation_fn {activation_fn!r} is not supported; use one of {sorted(FEED_FORWARD_ACTIVATIONS)}")
+        inner = dim * mult
+        self.net = nn.CellList([FEED_FORWARD_ACTIVATIONS[activation_fn](dim, inner), Dropout(dropout), Linear(inner, dim)])
+
+    def construct(self, x):
+        return self.net[2](self.net[1](self.net[0](x)))
+
+
+class BasicTransformerBlock(nn.Cell):
+    """Sparse-causal self-attention, cross-attention, feed-forward, then temporal attention; pre-norm, residuals."""
+
+    def __init__(self, dim, num_attention_heads, attention_head_dim, cross_attention_dim=None,
+                 activation_fn="geglu", attention_bias=False, only_cross_attention=False,
+                 upcast_attention=False, attention_backend="auto"):
+        super().__init__()
+        self.only_cross_attention = only_cross_attention
+        common = dict(heads=num_attention_heads, dim_head=attention_head_dim, bias=attention_bias,
+                      upcast_attention=upcast_attention, attention_backend=attention_backend)
+        if only_cross_attention:
+            # The official attn1 then attends to the text; its frame gather only duplicates identical text
+            # keys, which leaves softmax attention unchanged, so plain cross-attention is the same function.
+            self.attn1 = Attention(dim, cross_attention_dim=cross_attention_dim, **common)
+        else:
+            self.attn1 = SparseCausalAttention(dim, **common)
+        self.norm1 = LayerNorm(dim)
+        self.has_cross_attention = cross_attention_dim is not None
+        if self.has_cross_attention:
+            self.attn2 = Attention(dim, cross_attention_dim=cross_attention_dim, **common)
+            self.norm2 = LayerNorm(dim)
+        self.ff = FeedForward(dim, activation_fn=activation_fn)
+        self.norm3 = LayerNorm(dim)
+        self.attn_temp = Attention(dim, **common)
+        # Zero output weight (not bias) as the official model: the new layer starts close to an identity.
+        out_weight = self.attn_temp.to_out[0].weight
+        out_weight.set_data(ops.zeros(out_weight.shape, out_weight.dtype))
+        self.norm_temp = LayerNorm(dim)
+
+    def construct(self, x, encoder_hidden_states, video_length):
+        if self.only_cross_attention:
+            x = self.attn1(self.norm1(x), encoder_hidden_states) + x
+        else:
+            x = self.attn1(self.norm1(x), video_length) + x
+        if self.has_cross_attention:
+            x = self.attn2(self.norm2(x), encoder_hidden_states) + x
+        x = self.ff(self.norm3(x)) + x
+        # Temporal attention: every spatial position becomes a sequence over the frames.
+        bf, d, c = x.shape
+        b = bf // video_length
+        temporal = x.reshape(b, video_length, d, c).transpose(0, 2, 1, 3).reshape(b * d, video_length, c)
+        temporal = self.attn_temp(self.norm_temp(temporal)) + temporal
+        return temporal.reshape(b, d, video_length, c).transpose(0, 2, 1, 3).reshape(bf, d, c)
+
+
+class Transformer3DModel(nn.Cell):
+    """Per-frame GroupNorm (eps 1e-6), proj_in, one BasicTransformerBlock, proj_out, residual; on (B, C, F, H, W)."""
+
+    def __init__(self, num_attention_heads, attention_head_dim, in_channels, cross_attention_dim=None,
+                 norm_num_groups=32, use_linear_projection=False, only_cross_attention=False,
+                 upcast_attention=False, attention_bias=False, activation_fn="geglu", attention_backend="auto"):
+        super().__init__()
+        inner_dim = num_attention_heads * attention_head_dim
+        self.use_linear_projection = use_linear_projection
+        self.norm = GroupNorm(norm_num_groups, in_channels, eps=1e-6)
+        if use_linear_projection:
+            self.proj_in = Linear(in_channels, inner_dim)
+            self.proj_out = Linear(inner_dim, in_channels)
+        else:
+            self.proj_in = Conv2d(in_channels, inner_dim, 1)
+            self.proj_out = Conv2d(inner_dim, in_channels, 1)
+        self.transformer_blocks = nn.CellList([
+            BasicTransformerBlock(inner_dim, num_attention_heads, attention_head_dim, cross_attention_dim,
+                                  activation_fn=activation_fn, attention_bias=attention_bias,
+                                  only_cross_attention=only_cross_attention, upcast_attention=upcast_attention,
+                                  attention_backend=attention_backend)
+        ])
+
+    def construct(self, x, encoder_hidden_states):
+        b, c, f, h, w = x.shape
+        frames = x.transpose(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        # Each video's text repeated for its f frames, consecutively, matching the (b f) order.
+        context = ops.broadcast_to(encoder_hidden_states[:, None], (b, f) + encoder_hidden_states.shape[1:])
+        context = context.reshape((b * f,) + encoder_hidden_states.shape[1:])
+        hidden = self.norm(frames)
+        if self.use_linear_projection:
+            hidden = self.proj_in(hidden.transpose(0, 2, 3, 1).reshape(b * f, h * w, c))
+        else:
+            hidden = self.proj_in(hidden)
+            hidden = hidden.transpose(0, 2, 3, 1).reshape(b * f, h * w, hidden.shape[1])
+        for block in self.transformer_blocks:
+            hidden = block(hidden, context, f)
+        if self.use_linear_projection:
+            hidden = self.proj_out(hidden).reshape(b * f, h, w, c).transpose(0, 3, 1, 2)
+        else:
+            hidden = hidden.reshape(b * f, h, w, hidden.shape[2]).transpose(0, 3, 1, 2)
+            hidden = self.proj_out(hidden)
+        out = hidden + frames
+        return out.reshape(b, f, c, h, w).transpose(0, 2, 1, 3, 4)
