@@ -21,17 +21,6 @@ from tav.kernels import (
 )
 from tav.kernels import dispatch
 
-MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
-
-
-@pytest.fixture(params=sorted(MODES))
-def mode(request):
-    previous = ms.get_context("mode")
-    ms.set_context(mode=MODES[request.param])
-    yield request.param
-    ms.set_context(mode=previous)
-
-
 @pytest.fixture
 def fresh_warnings(monkeypatch):
     monkeypatch.setattr(dispatch, "_warned", set())
@@ -86,7 +75,7 @@ SHAPES = [(2, 5, 7, 1, 40), (1, 12, 9, 2, 64), (2, 6, 11, 8, 40), (1, 8, 3, 8, 6
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}-q{}-k{}-h{}-d{}".format(*s))
-def test_math_matches_float64_reference(mode, shape):
+def test_math_matches_float64_reference(ms_mode, shape):
     batch, nq, nk, heads, d = shape
     q, k, v = random_qkv(batch, nq, nk, heads, d)
     out = run(AttentionCell(heads, "math"), q, k, v)
@@ -95,28 +84,28 @@ def test_math_matches_float64_reference(mode, shape):
     np.testing.assert_allclose(out.asnumpy(), reference_attention(q, k, v, heads), atol=1e-5, rtol=0)
 
 
-def test_math_fp16_inputs_return_fp16(mode):
+def test_math_fp16_inputs_return_fp16(ms_mode):
     q, k, v = random_qkv(2, 6, 10, 2, 40, dtype=np.float16)
     out = run(AttentionCell(2, "math"), q, k, v)
     assert out.dtype == ms.float16
     np.testing.assert_allclose(out.asnumpy().astype(np.float64), reference_attention(q, k, v, 2), atol=5e-3)
 
 
-def test_auto_on_cpu_runs_math(mode):
+def test_auto_on_cpu_runs_math(ms_mode):
     q, k, v = random_qkv(1, 7, 5, 2, 64)
     out = run(AttentionCell(2, "auto"), q, k, v)
     np.testing.assert_allclose(out.asnumpy(), reference_attention(q, k, v, 2), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("chunk_size", [3, 5, 64])  # ragged 3+3+3+1, exact 5+5, one chunk
-def test_chunked_equals_math_including_ragged_last_chunk(mode, chunk_size):
+def test_chunked_equals_math_including_ragged_last_chunk(ms_mode, chunk_size):
     q, k, v = random_qkv(2, 10, 13, 2, 40, seed=1)
     chunked = run(AttentionCell(2, "chunked", chunk_size=chunk_size), q, k, v).asnumpy()
     exact = run(AttentionCell(2, "math"), q, k, v).asnumpy()
     np.testing.assert_allclose(chunked, exact, atol=1e-6, rtol=0)
 
 
-def test_chunked_default_chunk_size_equals_math(mode, monkeypatch):
+def test_chunked_default_chunk_size_equals_math(ms_mode, monkeypatch):
     # a 64-element budget with 1 batch * 2 heads * 13 keys = 26 scores per query -> 2-query chunks
     monkeypatch.setattr(kernels.chunked, "SCORE_BLOCK_ELEMENTS", 64)
     assert default_chunk_size(1, 2, 9, 13) == 2
@@ -154,7 +143,7 @@ def upcast_probe(head_dim=64, nk=8, nq=5, offset=40.0, seed=3):
     return tuple(x.astype(np.float16) for x in (q, k, v))
 
 
-def test_upcast_gives_fp32_accurate_scores_for_fp16_inputs(mode):
+def test_upcast_gives_fp32_accurate_scores_for_fp16_inputs(ms_mode):
     q, k, v = upcast_probe()
     expected = reference_attention(q, k, v, 1)[..., :8]
     upcast = run(AttentionCell(1, "math", upcast=True), q, k, v)
@@ -189,7 +178,7 @@ def test_explicit_portable_backends_resolve_to_themselves(requested):
     assert resolve_backend(requested, ms.float16, (2, 64, 320), (2, 64, 320), 5, False) == requested
 
 
-def test_flash_requested_on_cpu_runs_math_without_calling_the_kernel(mode, monkeypatch, fresh_warnings):
+def test_flash_requested_on_cpu_runs_math_without_calling_the_kernel(ms_mode, monkeypatch, fresh_warnings):
     def kernel_must_not_run(*args, **kwargs):
         raise AssertionError("ops.flash_attention_score was called on CPU")
 
@@ -324,7 +313,7 @@ def math_standin_for_flash_kernel(query, key, value, head_num, keep_prob=1.0, sc
 
 
 @pytest.mark.parametrize("heads, d", [(8, 40), (2, 64), (1, 100)])
-def test_simulated_ascend_flash_path_pads_casts_and_keeps_the_true_scale(mode, monkeypatch, heads, d):
+def test_simulated_ascend_flash_path_pads_casts_and_keeps_the_true_scale(ms_mode, monkeypatch, heads, d):
     calls = []
 
     def recording_kernel(query, key, value, head_num, keep_prob=1.0, scalar_value=1.0, input_layout="BSH"):
@@ -332,13 +321,13 @@ def test_simulated_ascend_flash_path_pads_casts_and_keeps_the_true_scale(mode, m
         return math_standin_for_flash_kernel(query, key, value, head_num, keep_prob, scalar_value, input_layout)
 
     monkeypatch.setattr(tav.backend, "is_ascend", lambda: True)
-    kernel = recording_kernel if mode == "pynative" else math_standin_for_flash_kernel
+    kernel = recording_kernel if ms_mode == ms.PYNATIVE_MODE else math_standin_for_flash_kernel
     monkeypatch.setattr(ops, "flash_attention_score", kernel)
     q, k, v = random_qkv(2, 6, 9, heads, d, seed=5)
     out = run(AttentionCell(heads, "flash"), q, k, v)  # fp32 in: cast to fp16 for the kernel, back after
     assert out.dtype == ms.float32 and out.shape == (2, 6, heads * d)
     np.testing.assert_allclose(out.asnumpy(), reference_attention(q, k, v, heads), atol=5e-3)
-    if mode == "pynative":
+    if ms_mode == ms.PYNATIVE_MODE:
         assert calls == [((2, 6, heads * padded_head_dim(d)), ms.float16, heads, d**-0.5, "BSH")]
 
 
