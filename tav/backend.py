@@ -24,9 +24,10 @@ def configure(device_target=None, mode=None, jit_level=None, device_id=None, max
     kwargs = {}
     if device_target is not None:
         target = normalise_device_target(device_target)
-        kwargs["device_target"] = target
-    if device_id is not None:
-        kwargs["device_id"] = int(device_id)
+        if device_id is not None:
+            ms.set_device(target, int(device_id))
+        else:
+            ms.set_device(target)
     if mode is not None:
         if mode not in MODES:
             raise ValueError(f"mode must be 0 (graph) or 1 (pynative), got {mode!r}")
