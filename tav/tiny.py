@@ -1,0 +1,325 @@
+"""The embedded tiny model: a complete Stable-Diffusion-1.x-shaped pipeline folder, built by code.
+
+The project ships no weights and cannot download any. `make demo` and the tests instead write a tiny pipeline in
+the diffusers layout (`model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`) with the
+same file names, config fields and parameter names as the real SD v1.x checkpoints, so every line of the real
+loading code runs on it.
+
+The weights are RANDOM: the tiny pipeline's videos are noise. It exists to exercise loading, inversion, sampling
+and training end to end, and to compare tav against the PyTorch originals on identical weights.
+
+Each part is one small function writing one sub-folder; all of them are deterministic (seeded numpy, no downloads).
+"""
+import os
+import re
+from collections import Counter
+
+import numpy as np
+
+from tav.checkpoint import save_state_dict, write_json_atomic
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenizer/: a real (small) CLIP byte-level BPE
+# ---------------------------------------------------------------------------------------------------------------
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+MODEL_MAX_LENGTH = 77
+TINY_VOCAB_SIZE = 1000
+
+# The merges are learned from this text, so the official Tune-A-Video prompts and everyday English words split into
+# few tokens. Anything else still tokenizes: every byte is in the vocabulary on its own.
+_MERGE_CORPUS = """
+a man is skiing. spider man is skiing on the beach, cartoon style. wonder woman, wearing a cowboy hat, is skiing.
+a man, wearing pink clothes, is skiing at sunset. a jeep car is moving on the road. a car is moving on the beach.
+a jeep car is moving on the snow. a porsche car is moving on the desert. a jeep car is moving on the road, cartoon
+style. a bear is playing guitar. a rabbit is playing guitar, modern disney style. a handsome prince is playing
+guitar. a magic princess with sunglasses is playing guitar on the stage. a man is surfing. a panda is surfing.
+iron man is surfing in the desert. a raccoon is surfing, cartoon style. a cat is surfing on the sea. a man is
+dribbling a basketball. trump is dribbling a basketball. an astronaut is dribbling a basketball, cartoon style.
+a lego man in a black suit is dribbling a basketball. a puppy is running on the grass. a dog is walking in the park.
+a horse is running on the field. a bird is flying in the sky. a boy is riding a bike on the street at night.
+a girl is dancing in the rain. a woman is swimming in the lake. a tiger is walking in the forest, oil painting.
+a white swan is swimming in the water, van gogh style. a red sports car is driving through the city in winter.
+a photo of a cat. a photo of a dog. a painting of a mountain under the stars. high quality, detailed, realistic.
+the of and to in is was he for it with as his on be at by i this had not are but from or have an they which one you
+were her all she there would their we him been has when who will more no if out so said what up its about into
+than them can only other new some could time these two may then do first any my now such like our over me even
+most made after also did many before must through back years where much your way well down should because each just
+those people how too little state good very make world still own see men work long get here between both life being
+under never day same another know while last might us great old year off come since against go came right used take
+three states himself few house use during without again place around however home small found thought went say part
+once general high upon school every don does got united left number course war until always away something fact
+though water less public put think almost hand enough far took head yet government system better set told nothing
+night end why called didn eyes find going look asked later knew point next program city business give group toward
+young days let room president side social given present several order national possible rather second face per
+among form important often things looking early white case john become large big need four within felt along
+children saw best church ever least power development light thing seemed family interest want members mind country
+area others done turned although open god service problem certain kind different thus began door help sense means
+whole matter perhaps itself york times law human line above name example action company hands local show whether
+five history gave today either act feet across taken past quite anything having seen death experience body word half
+really week field money words change brown blue green yellow black gold silver orange purple dark bright beautiful
+happy running jumping walking flying sitting standing smiling playing dancing singing cooking reading painting
+video frame motion camera scene cinematic sunny cloudy snowy rainy morning evening sunrise autumn spring summer
+ocean river mountain mountains forest street garden kitchen castle space moon planet robot dragon monster
+""".strip()
+
+
+def bytes_to_unicode():
+    """CLIP's (and GPT-2's) reversible map from the 256 byte values to printable unicode characters."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    byte_values = printable[:]
+    code_points = printable[:]
+    shift = 0
+    for b in range(256):
+        if b not in printable:
+            byte_values.append(b)
+            code_points.append(256 + shift)
+            shift += 1
+    return dict(zip(byte_values, (chr(c) for c in code_points)))
+
+
+def _corpus_words(text):
+    """Word -> count, split like CLIP's pre-tokenizer (letters runs, single digits, punctuation runs)."""
+    byte_encoder = bytes_to_unicode()
+    counts = Counter()
+    for word in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", text.lower()):
+        counts["".join(byte_encoder[b] for b in word.encode("utf-8"))] += 1
+    return counts
+
+
+def _merge_word(symbols, pair):
+    merged, i = [], 0
+    while i < len(symbols):
+        if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return tuple(merged)
+
+
+def learn_bpe_merges(text, num_merges):
+    """Classic BPE training on `text`: repeatedly merge the most frequent adjacent pair (ties: smallest pair).
+
+    Words carry CLIP's `</w>` end-of-word marker on their last symbol. Pairs whose merged string is already a token
+    are skipped so every merge adds exactly one new vocabulary entry.
+    """
+    words = {}
+    for word, count in _corpus_words(text).items():
+        words[tuple(word[:-1]) + (word[-1] + "</w>",)] = count
+    known = set(bytes_to_unicode().values())
+    known |= {c + "</w>" for c in known}
+    merges = []
+    while len(merges) < num_merges:
+        pair_counts = Counter()
+        for symbols, count in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pair_counts[pair] += count
+        candidates = [(-c, pair) for pair, c in pair_counts.items() if pair[0] + pair[1] not in known]
+        if not candidates:
+            raise ValueError(
+                f"the tiny tokenizer's corpus supports only {len(merges)} merges, {num_merges} were asked for "
+                f"(vocab_size at most {len(merges) + 514})"
+            )
+        _, best = min(candidates)
+        merges.append(best)
+        known.add(best[0] + best[1])
+        words = {
+            (_merge_word(symbols, best) if best[0] in symbols and best[1] in symbols else symbols): count
+            for symbols, count in words.items()
+        }
+    return merges
+
+
+def write_tiny_tokenizer(folder, vocab_size=TINY_VOCAB_SIZE):
+    """Write a small but real CLIP BPE tokenizer (vocab.json, merges.txt, configs) into `folder`.
+
+    Layout of the vocabulary is CLIP's: 256 byte symbols, the same with `</w>`, one entry per merge, then
+    `<|startoftext|>` and `<|endoftext|>` (the highest id, as in CLIP). Padding uses `<|endoftext|>` like SD 1.x.
+    Returns the vocabulary size (pass it to write_tiny_text_encoder).
+    """
+    num_merges = vocab_size - 512 - 2
+    if num_merges < 0:
+        raise ValueError(f"vocab_size must be at least 514 (256 bytes x 2 + 2 special tokens), got {vocab_size}")
+    merges = learn_bpe_merges(_MERGE_CORPUS, num_merges)
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges] + [BOS_TOKEN, EOS_TOKEN]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    assert len(vocab) == vocab_size
+
+    os.makedirs(folder, exist_ok=True)
+    write_json_atomic(vocab, os.path.join(folder, "vocab.json"))
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        # CLIPTokenizer skips the first line (the version header).
+        f.write("#version: 0.2 - tiny random tav tokenizer\n")
+        f.writelines(f"{a} {b}\n" for a, b in merges)
+    special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
+    write_json_atomic(special, os.path.join(folder, "special_tokens_map.json"))
+    write_json_atomic(
+        {
+            "tokenizer_class": "CLIPTokenizer",
+            "model_max_length": MODEL_MAX_LENGTH,
+            "do_lower_case": True,
+            "errors": "replace",
+            "add_prefix_space": False,
+            **special,
+        },
+        os.path.join(folder, "tokenizer_config.json"),
+    )
+    return vocab_size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# text_encoder/: a random CLIPTextModel with the checkpoint's key names
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def tiny_text_encoder_config(
+    vocab_size, hidden_size=32, layers=2, heads=2, intermediate=37, max_position_embeddings=MODEL_MAX_LENGTH
+):
+    """SD v1.x's text_encoder/config.json (openai/clip-vit-large-patch14's text tower), shrunk."""
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "attention_dropout": 0.0,
+        "dropout": 0.0,
+        "hidden_act": "quick_gelu",
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": max_position_embeddings,
+        "num_attention_heads": heads,
+        "num_hidden_layers": layers,
+        "projection_dim": hidden_size,
+        "vocab_size": vocab_size,
+        # The tiny tokenizer puts <|startoftext|>, <|endoftext|> last, as CLIP does; pad is <|endoftext|>.
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+        "torch_dtype": "float32",
+    }
+
+
+def text_encoder_shapes(config):
+    """Every tensor of a transformers CLIPTextModel state dict, by its checkpoint key, with its shape."""
+    d, inner = config["hidden_size"], config["intermediate_size"]
+    shapes = {
+        "text_model.embeddings.token_embedding.weight": (config["vocab_size"], d),
+        "text_model.embeddings.position_embedding.weight": (config["max_position_embeddings"], d),
+    }
+    for i in range(config["num_hidden_layers"]):
+        layer = f"text_model.encoder.layers.{i}"
+        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            shapes[f"{layer}.self_attn.{proj}.weight"] = (d, d)
+            shapes[f"{layer}.self_attn.{proj}.bias"] = (d,)
+        shapes[f"{layer}.layer_norm1.weight"] = (d,)
+        shapes[f"{layer}.layer_norm1.bias"] = (d,)
+        shapes[f"{layer}.mlp.fc1.weight"] = (inner, d)
+        shapes[f"{layer}.mlp.fc1.bias"] = (inner,)
+        shapes[f"{layer}.mlp.fc2.weight"] = (d, inner)
+        shapes[f"{layer}.mlp.fc2.bias"] = (d,)
+        shapes[f"{layer}.layer_norm2.weight"] = (d,)
+        shapes[f"{layer}.layer_norm2.bias"] = (d,)
+    shapes["text_model.final_layer_norm.weight"] = (d,)
+    shapes["text_model.final_layer_norm.bias"] = (d,)
+    return shapes
+
+
+def random_text_encoder_weights(config, seed=0):
+    """Seeded weights at HF's init scale (normal, std 0.02).
+
+    LayerNorms are 1 + N(0, 0.02) and N(0, 0.02) instead of exactly 1 and 0, and biases are non-zero: a loader that
+    silently skipped them would then change the output, so parity tests can catch it.
+    """
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for key, shape in text_encoder_shapes(config).items():
+        values = rng.normal(0.0, 0.02, size=shape)
+        if "layer_norm" in key and key.endswith(".weight"):
+            values += 1.0
+        weights[key] = values.astype(np.float32)
+    return weights
+
+
+def write_tiny_text_encoder(
+    folder,
+    vocab_size=TINY_VOCAB_SIZE,
+    hidden_size=32,
+    layers=2,
+    heads=2,
+    intermediate=37,
+    max_position_embeddings=MODEL_MAX_LENGTH,
+    seed=0,
+    fmt="safetensors",
+):
+    """Write config.json + model.safetensors (or pytorch_model.bin) of a random CLIPTextModel into `folder`.
+
+    fmt="bin" writes the old PyTorch format, with the `position_ids` buffer old checkpoints carry; it needs torch
+    (the test-only extra), since nothing at runtime writes .bin files.
+    """
+    if fmt not in ("safetensors", "bin"):
+        raise ValueError(f"fmt must be 'safetensors' or 'bin', got {fmt!r}")
+    config = tiny_text_encoder_config(vocab_size, hidden_size, layers, heads, intermediate, max_position_embeddings)
+    weights = random_text_encoder_weights(config, seed)
+    os.makedirs(folder, exist_ok=True)
+    if fmt == "safetensors":
+        save_state_dict(weights, os.path.join(folder, "model.safetensors"))
+    else:
+        weights["text_model.embeddings.position_ids"] = np.arange(max_position_embeddings, dtype=np.int64)[None]
+        _torch_save(weights, os.path.join(folder, "pytorch_model.bin"))
+    write_json_atomic(config, os.path.join(folder, "config.json"))
+    return config
+
+
+def _torch_save(weights, path):
+    try:
+        import torch
+    except ImportError as e:
+        raise RuntimeError(f"writing {path} (PyTorch .bin format) needs torch, the test-only extra") from e
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scheduler/ and model_index.json
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_tiny_scheduler(folder):
+    """SD v1.x's scheduler_config.json (the noise schedule is the real one; nothing here is tiny)."""
+    config = {
+        "_class_name": "DDIMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "trained_betas": None,
+        "steps_offset": 1,
+        "set_alpha_to_one": False,
+        "clip_sample": False,
+        "skip_prk_steps": True,
+        "prediction_type": "epsilon",
+    }
+    os.makedirs(folder, exist_ok=True)
+    write_json_atomic(config, os.path.join(folder, "scheduler_config.json"))
+    return config
+
+
+def write_model_index(folder):
+    """model_index.json as SD v1.x ships it (without the safety checker and feature extractor)."""
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    os.makedirs(folder, exist_ok=True)
+    write_json_atomic(index, os.path.join(folder, "model_index.json"))
+    return index
+
+
