@@ -323,3 +323,128 @@ def write_model_index(folder):
     return index
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# unet/ and vae/: SD 1.x's block layout at toy widths, written as a 2-D SD checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+TINY_UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 32, 64, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": 2,
+    "cross_attention_dim": 32,
+    "norm_num_groups": 8,
+    "norm_eps": 1e-5,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "center_input_sample": False,
+    "use_linear_projection": False,
+    "upcast_attention": False,
+}
+
+TINY_VAE_CONFIG = {
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [16, 16, 32, 32],
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+    "scaling_factor": 0.18215,
+}
+
+
+def _seeded_cell(build, seed):
+    import mindspore as ms
+
+    ms.set_seed(seed)
+    return build()
+
+
+def write_tiny_unet(folder, cross_attention_dim=32, seed=0):
+    """unet/: a random 2-D SD UNet (the inflated model's weights minus the temporal layers, 2-D block names)."""
+    from tav.checkpoint import cell_state_dict
+    from tav.models.unet3d import UNet3DConditionModel, is_temporal_key
+
+    config = dict(TINY_UNET_CONFIG, cross_attention_dim=cross_attention_dim)
+    model = _seeded_cell(lambda: UNet3DConditionModel(config), seed)
+    weights = {k: v for k, v in cell_state_dict(model).items() if not is_temporal_key(k)}
+    os.makedirs(folder, exist_ok=True)
+    write_json_atomic(config, os.path.join(folder, "config.json"))
+    save_state_dict(weights, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    return config
+
+
+def write_tiny_vae(folder, seed=0):
+    """vae/: a random AutoencoderKL with SD's 8x downscale (four levels) at toy widths."""
+    from tav.models.vae import AutoencoderKL
+
+    model = _seeded_cell(lambda: AutoencoderKL(dict(TINY_VAE_CONFIG)), seed)
+    model.save_pretrained(folder)
+    return dict(TINY_VAE_CONFIG)
+
+
+def write_tiny_pipeline(output_dir, seed=0):
+    """A complete tiny SD 1.x-shaped pipeline folder in diffusers layout; returns its path."""
+    text_config = write_tiny_text_encoder(os.path.join(output_dir, "text_encoder"), seed=seed)
+    write_tiny_tokenizer(os.path.join(output_dir, "tokenizer"))
+    write_tiny_unet(os.path.join(output_dir, "unet"), cross_attention_dim=text_config["hidden_size"], seed=seed)
+    write_tiny_vae(os.path.join(output_dir, "vae"), seed=seed)
+    write_tiny_scheduler(os.path.join(output_dir, "scheduler"))
+    write_model_index(output_dir)
+    return output_dir
+
+
+def ensure_tiny_pipeline(output_dir, seed=0):
+    """Write the tiny pipeline unless a complete one is already there."""
+    if not os.path.isfile(os.path.join(output_dir, "model_index.json")):
+        write_tiny_pipeline(output_dir, seed)
+    return output_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The embedded default job (`make demo`, `python tools/sample.py` with no arguments)
+# ---------------------------------------------------------------------------------------------------------------
+
+DEMO_DIR = "demo_outputs"
+DEMO_SOURCE_PROMPT = "a square is moving"
+DEMO_PROMPTS = ("a red square is moving on the snow", "a ball is moving, cartoon style")
+
+
+def demo_assets(demo_dir=DEMO_DIR):
+    """The tiny pipeline and a generated 16-frame 64x64 clip, created on first use."""
+    from tav.video import make_demo_clip
+
+    model = ensure_tiny_pipeline(os.path.join(demo_dir, "tiny-sd"))
+    clip = os.path.join(demo_dir, "demo-clip.mp4")
+    if not os.path.isfile(clip):
+        make_demo_clip(clip, n_frames=16, height=64, width=64)
+    return model, clip
+
+
+def demo_sample_request(demo_dir=DEMO_DIR, **overrides):
+    """Invert the demo clip with the tiny model and sample two prompts (gif + mp4)."""
+    from tav.generate import SampleRequest
+
+    model, clip = demo_assets(demo_dir)
+    values = dict(pretrained_model_path=model, prompts=list(DEMO_PROMPTS), video=clip,
+                  source_prompt=DEMO_SOURCE_PROMPT, output_dir=os.path.join(demo_dir, "samples"), video_length=8,
+                  height=64, width=64, sample_frame_rate=2, num_inference_steps=10, num_inv_steps=10,
+                  guidance_scale=7.5, fmt=["gif", "mp4"])
+    values.update(overrides)
+    return SampleRequest(**values)

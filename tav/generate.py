@@ -1,0 +1,145 @@
+"""Sampling as a job: validate a request, load the pipeline, invert the source clip (cached) or draw noise,
+sample every prompt, write the videos. tools/sample.py is a thin argument parser over `run_sampling`."""
+import dataclasses
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+
+from tav import video as video_io
+from tav.pipeline import PipelineError, TuneAVideoPipeline, invert_video, load_inverted_latents, resolve_dtype
+
+logger = logging.getLogger(__name__)
+OUTPUT_FORMATS = ("gif", "mp4", "png")
+
+
+@dataclass
+class SampleRequest:
+    pretrained_model_path: str
+    prompts: List[str]
+    output_dir: str = "outputs/samples"
+    unet: Optional[str] = None
+    video: Optional[str] = None
+    source_prompt: str = ""
+    invert_with_source_prompt: bool = False
+    inv_latents: Optional[str] = None
+    video_length: int = 8
+    height: int = 512
+    width: int = 512
+    sample_start_idx: int = 0
+    sample_frame_rate: int = 1
+    num_inference_steps: int = 50
+    num_inv_steps: int = 50
+    guidance_scale: float = 12.5
+    negative_prompt: Optional[str] = None
+    num_videos_per_prompt: int = 1
+    eta: float = 0.0
+    seed: int = 33
+    fmt: List[str] = field(default_factory=lambda: ["gif"])
+    fps: int = 8
+    dtype: str = "fp32"
+    attention: str = "auto"
+    cache_dir: Optional[str] = None
+    progress: bool = True
+
+    def validate(self):
+        """Everything that can be checked before loading a model; errors name the option."""
+        if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
+            raise PipelineError("no prompt given: pass --prompt (repeatable) or --prompts_file")
+        if not os.path.isdir(self.pretrained_model_path):
+            raise FileNotFoundError(f"--pretrained_model_path {self.pretrained_model_path!r} does not exist")
+        if self.unet is not None and not os.path.exists(self.unet):
+            raise FileNotFoundError(f"--unet {self.unet!r} does not exist")
+        if self.video is not None and self.inv_latents is not None:
+            raise PipelineError("give either --video (to invert) or --inv_latents, not both")
+        if self.video is not None and not os.path.isfile(self.video):
+            raise video_io.VideoError(f"--video {self.video!r} does not exist")
+        if self.inv_latents is not None and not os.path.isfile(self.inv_latents):
+            raise FileNotFoundError(f"--inv_latents {self.inv_latents!r} does not exist")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value <= 0 or value % 8:
+                raise PipelineError(f"--{name} must be a positive multiple of 8, got {value}")
+        for name in ("video_length", "num_inference_steps", "num_inv_steps", "num_videos_per_prompt", "fps"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        unknown = [f for f in self.fmt if f not in OUTPUT_FORMATS]
+        if unknown:
+            raise PipelineError(f"--format {unknown[0]!r} unknown; use one of {', '.join(OUTPUT_FORMATS)}")
+        resolve_dtype(self.dtype)
+        video_io.check_writable_dir(self.output_dir)
+        if self.video is not None:  # decode now: a bad clip fails before any model is loaded
+            video_io.read_video_frames(self.video, self.video_length, self.sample_start_idx, self.sample_frame_rate,
+                                       self.height, self.width)
+        return self
+
+
+def request_from_config(config_path, **overrides):
+    """A SampleRequest from an official Tune-A-Video training YAML: its validation_data, the training clip and
+    prompt (for inversion), the base model and the seed. `overrides` (non-None values) win."""
+    from tav.config import load_train_config
+
+    cfg = load_train_config(config_path)
+    val, train = cfg.validation_data, cfg.train_data
+    values = dict(
+        pretrained_model_path=cfg.pretrained_model_path,
+        prompts=list(val.prompts),
+        output_dir=os.path.join(cfg.output_dir, "samples"),
+        video=train.video_path if val.use_inv_latent else None,
+        source_prompt=train.prompt,
+        video_length=val.video_length, height=val.height, width=val.width,
+        sample_start_idx=train.sample_start_idx, sample_frame_rate=train.sample_frame_rate,
+        num_inference_steps=val.num_inference_steps, num_inv_steps=val.num_inv_steps,
+        guidance_scale=val.guidance_scale, seed=cfg.seed if cfg.seed is not None else 33,
+    )
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return SampleRequest(**values)
+
+
+def output_name(prompt, index=None):
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", prompt.strip()).strip("_")[:80] or "video"
+    return stem if index is None else f"{stem}-{index}"
+
+
+def run_sampling(request, pipeline=None):
+    """Serve a SampleRequest; returns the list of written files. A prebuilt `pipeline` skips loading."""
+    request.validate()
+    started = time.time()
+    if pipeline is None:
+        pipeline = TuneAVideoPipeline.from_pretrained(request.pretrained_model_path, unet=request.unet,
+                                                      dtype=request.dtype, attention_backend=request.attention)
+    latents = None
+    if request.video is not None:
+        inversion_prompt = request.source_prompt if request.invert_with_source_prompt else ""
+        latents, cached = invert_video(
+            pipeline, request.video, request.video_length, request.height, request.width, request.num_inv_steps,
+            start=request.sample_start_idx, stride=request.sample_frame_rate, prompt=inversion_prompt,
+            seed=request.seed, cache_dir=request.cache_dir or os.path.join(request.output_dir, "inv_latents"),
+            progress=request.progress)
+        logger.info("inverted latents: %s", cached)
+    elif request.inv_latents is not None:
+        latents = load_inverted_latents(request.inv_latents)
+    if latents is not None:
+        pipeline.check_request(request.prompts, request.video_length, request.height, request.width, latents, 1)
+
+    written = []
+    for p, prompt in enumerate(request.prompts):
+        videos = pipeline(prompt, request.video_length, request.height, request.width, request.num_inference_steps,
+                          request.guidance_scale, request.negative_prompt, request.num_videos_per_prompt,
+                          request.eta, latents=latents, seed=request.seed + p * request.num_videos_per_prompt,
+                          progress=request.progress)
+        for k in range(videos.shape[0]):
+            name = output_name(prompt, k if request.num_videos_per_prompt > 1 else None)
+            for fmt in request.fmt:
+                path = os.path.join(request.output_dir, f"{name}.{fmt}")  # png: a folder <name>/ of frames
+                written.append(str(video_io.save_videos_grid(videos[k:k + 1], path, fps=request.fps, fmt=fmt)))
+    logger.info("sampled %d prompt(s) in %.1f s", len(request.prompts), time.time() - started)
+    return written
+
+
+def request_fields():
+    return {f.name for f in dataclasses.fields(SampleRequest)}

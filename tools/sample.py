@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Invert a clip (or load inverted latents) and sample edited videos with a Tune-A-Video model.
+
+With no arguments it runs the embedded tiny model end to end on a clip it generates (random weights: the
+videos are noise; point --pretrained_model_path at a Stable Diffusion 1.x folder for real results).
+"""
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tav import backend  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained_model_path", help="Stable Diffusion folder in diffusers layout")
+    p.add_argument("--unet", help="tuned UNet folder (or pipeline folder with unet/) or a trainable-only delta file")
+    p.add_argument("--prompt", action="append", dest="prompts", help="a prompt (repeat for several)")
+    p.add_argument("--prompts_file", help="a text file with one prompt per line")
+    p.add_argument("--video", help="source clip to invert (mp4/gif/webm)")
+    p.add_argument("--source_prompt", help="the clip's caption (used for inversion with --invert_with_source_prompt)")
+    p.add_argument("--invert_with_source_prompt", action="store_true",
+                   help="condition DDIM inversion on --source_prompt instead of the empty prompt (official: empty)")
+    p.add_argument("--inv_latents", help="inverted latents saved earlier (.safetensors or .npy)")
+    p.add_argument("--config", help="an official Tune-A-Video training YAML: its validation_data is used")
+    p.add_argument("--num_inference_steps", type=int)
+    p.add_argument("--num_inv_steps", type=int)
+    p.add_argument("--guidance_scale", type=float)
+    p.add_argument("--negative_prompt")
+    p.add_argument("--num_videos_per_prompt", type=int)
+    p.add_argument("--eta", type=float)
+    p.add_argument("--video_length", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--sample_start_idx", type=int)
+    p.add_argument("--sample_frame_rate", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--output_dir")
+    p.add_argument("--format", action="append", dest="fmt", choices=["gif", "mp4", "png"],
+                   help="output format (repeatable; default gif; png = one file per frame)")
+    p.add_argument("--fps", type=int)
+    p.add_argument("--device_target", default="CPU", choices=["CPU", "GPU", "Ascend"])
+    p.add_argument("--mode", type=int, default=0, choices=[0, 1], help="0 graph (default), 1 pynative")
+    p.add_argument("--attention", choices=["auto", "math", "chunked", "flash"])
+    p.add_argument("--dtype", choices=["fp32", "fp16"])
+    return p.parse_args(argv)
+
+
+def build_request(args):
+    from tav import generate, tiny
+
+    prompts = list(args.prompts or [])
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as handle:
+            prompts += [line.strip() for line in handle if line.strip()]
+    options = {k: v for k, v in vars(args).items() if k in generate.request_fields() and v is not None}
+    options.pop("prompts", None)
+    if prompts:
+        options["prompts"] = prompts
+    if args.config:
+        return generate.request_from_config(args.config, **options)
+    if not args.pretrained_model_path:
+        print("no --pretrained_model_path: using the embedded tiny model (random weights, so the videos are noise)")
+        return tiny.demo_sample_request(**options)
+    return generate.SampleRequest(**options)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    backend.configure(device_target=args.device_target, mode=args.mode)
+    from tav import generate
+
+    request = build_request(args)
+    written = generate.run_sampling(request)
+    print(f"wrote {len(written)} file(s) to {os.path.abspath(request.output_dir)}:")
+    for path in written:
+        print("  " + str(path))
+
+
+if __name__ == "__main__":
+    main()
