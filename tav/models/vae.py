@@ -447,13 +447,8 @@ class AutoencoderKL(nn.Cell):
         return self.decoder(z)
 
     def construct(self, x):
-        moments = self.encoder(x.astype(self.dtype))
-        if self.use_quant_conv:
-            moments = self.quant_conv(moments)
-        mean, _ = ops.chunk(moments, 2, 1)
-        if self.use_post_quant_conv:
-            mean = self.post_quant_conv(mean)
-        return self.decoder(mean)
+        mean, _ = ops.chunk(self.encode_moments(x), 2, 1)
+        return self.decode(mean)
 
     # -- files
 
@@ -495,7 +490,9 @@ def resolve_vae_folder(path):
     )
 
 
-_LEGACY_ATTENTION_KEY = re.compile(r"^(?P<block>(?:.+\.)?attentions\.\d+)\.(?P<old>query|key|value|proj_attn)\.(?P<kind>weight|bias)$")
+_LEGACY_ATTENTION_KEY = re.compile(
+    r"^(?P<block>(?:.+\.)?attentions\.\d+)\.(?P<old>query|key|value|proj_attn)\.(?P<kind>weight|bias)$"
+)
 _LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _ATTENTION_LINEAR_WEIGHT = re.compile(r"(?:^|\.)attentions\.\d+\.(?:to_q|to_k|to_v|to_out\.0)\.weight$")
 
@@ -526,7 +523,8 @@ def rename_legacy_attention_keys(state_dict):
 # ---------------------------------------------------------------------------------------------------------
 # Video helpers. Videos and video latents are (B, C, F, H, W), channels before frames (Tune-A-Video's layout).
 # The VAE is per-image, so frames are folded into the batch as (b f): batch-major, frame-minor, run through it
-# `chunk_size` images at a time, and unfolded again.
+# `chunk_size` images at a time, and unfolded again. chunk_size counts images of the folded batch (a chunk may
+# span two clips); None runs them all in one call. Results do not depend on it.
 
 
 def _as_tensor(x):
@@ -559,11 +557,11 @@ def map_in_chunks(fn, images, chunk_size):
     fn must treat batch items independently (true of the VAE: GroupNorm is per item). The last chunk is padded
     by repeating its final item so every call has the same shape (one graph compilation in GRAPH_MODE); the
     padded outputs are dropped. chunk_size=None runs everything in one call."""
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     n = images.shape[0]
     if chunk_size is None or chunk_size >= n:
         return fn(images)
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     outputs = []
     for start in range(0, n, chunk_size):
         part = images[start : start + chunk_size]
