@@ -1,0 +1,110 @@
+"""The device module and the portable op layer: which op flavour is chosen where, and that the portable ops
+compute what PyTorch's do."""
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import nn
+
+from tav import backend
+from tav import nn as tnn
+
+RNG = np.random.default_rng(0)
+
+
+def test_cpu_uses_the_classic_ops():
+    assert backend.device_target() == "CPU"
+    assert backend.op_flavour() == backend.FLAVOUR_CLASSIC
+    assert not tnn.Linear(4, 4).use_mint and not tnn.Conv2d(4, 4, 3).use_mint
+
+
+def test_forced_mint_flavour_reaches_every_layer_and_is_restored():
+    with backend.force_flavour(backend.FLAVOUR_MINT):
+        layers = [tnn.Linear(4, 4), tnn.Conv2d(4, 4, 3), tnn.GroupNorm(2, 4), tnn.LayerNorm(4)]
+    assert all(layer.use_mint for layer in layers)  # built for Ascend; never run here (no CPU kernels)
+    assert backend.op_flavour() == backend.FLAVOUR_CLASSIC
+
+
+def test_ascend_selects_mint(monkeypatch):
+    monkeypatch.setattr(backend, "device_target", lambda: "Ascend")
+    assert backend.op_flavour() == backend.FLAVOUR_MINT
+    assert tnn.Linear(4, 4).use_mint
+    assert backend.supports_dtype(ms.bfloat16)
+
+
+def test_bf16_is_refused_off_ascend():
+    assert not backend.supports_dtype(ms.bfloat16)
+    assert backend.supports_dtype(ms.float16) and backend.supports_dtype(ms.float32)
+
+
+@pytest.mark.parametrize("bad", ["TPU", "cuda"])
+def test_unknown_device_target_is_named(bad):
+    with pytest.raises(ValueError, match=bad):
+        backend.configure(device_target=bad)
+
+
+def test_unknown_mode_and_flavour_are_refused():
+    with pytest.raises(ValueError, match="mode"):
+        backend.configure(mode=3)
+    with pytest.raises(ValueError, match="flavour"):
+        backend.force_flavour("fast")
+
+
+class Upsample(nn.Cell):
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+
+    def construct(self, x):
+        return tnn.upsample_nearest(x, self.size)
+
+
+def test_linear_and_conv_match_numpy(ms_mode):
+    linear = tnn.Linear(6, 5)
+    x = RNG.standard_normal((2, 3, 6)).astype(np.float32)
+    expected = x @ linear.weight.asnumpy().T + linear.bias.asnumpy()
+    np.testing.assert_allclose(linear(ms.Tensor(x)).asnumpy(), expected, atol=1e-5)
+
+    conv = tnn.Conv2d(3, 4, 3, stride=2, padding=1)
+    image = RNG.standard_normal((1, 3, 7, 9)).astype(np.float32)
+    w, b = conv.weight.asnumpy(), conv.bias.asnumpy()
+    padded = np.pad(image, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = np.zeros((1, 4, 4, 5), np.float32)
+    for i in range(4):
+        for j in range(5):
+            patch = padded[:, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3]
+            out[:, :, i, j] = np.einsum("bchw,ochw->bo", patch, w) + b
+    np.testing.assert_allclose(conv(ms.Tensor(image)).asnumpy(), out, atol=1e-5)
+
+
+def test_layer_norm_matches_numpy_with_torch_default_eps(ms_mode):
+    norm = tnn.LayerNorm(8)
+    norm.weight.set_data(ms.Tensor(RNG.standard_normal(8).astype(np.float32)))
+    norm.bias.set_data(ms.Tensor(RNG.standard_normal(8).astype(np.float32)))
+    x = RNG.standard_normal((3, 5, 8)).astype(np.float32)
+    expected = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    expected = expected * norm.weight.asnumpy() + norm.bias.asnumpy()
+    np.testing.assert_allclose(norm(ms.Tensor(x)).asnumpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("src,dst", [((4, 4), (8, 8)), ((5, 7), (9, 14)), ((3, 3), (5, 5))])
+def test_nearest_upsampling_uses_pytorchs_index_rule(ms_mode, src, dst):
+    """PyTorch 'nearest': source index floor(dst_index * in / out); sizes that are not 2x occur when H or W is
+    not a multiple of 64 (the UNet forwards the skip's size)."""
+    x = RNG.standard_normal((1, 2) + src).astype(np.float32)
+    rows = np.floor(np.arange(dst[0]) * (src[0] / dst[0])).astype(int)
+    cols = np.floor(np.arange(dst[1]) * (src[1] / dst[1])).astype(int)
+    expected = x[:, :, rows][:, :, :, cols]
+    got = Upsample(dst)(ms.Tensor(x)).asnumpy()
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_inflated_conv_applies_the_same_kernel_to_every_frame(ms_mode):
+    conv = tnn.InflatedConv3d(3, 4, 3, padding=1)
+    video = RNG.standard_normal((2, 3, 5, 6, 6)).astype(np.float32)
+    got = conv(ms.Tensor(video)).asnumpy()
+    plain = tnn.Conv2d(3, 4, 3, padding=1)
+    plain.weight.set_data(conv.weight.value())
+    plain.bias.set_data(conv.bias.value())
+    for f in range(5):
+        np.testing.assert_allclose(got[:, :, f], plain(ms.Tensor(video[:, :, f])).asnumpy(), atol=1e-5)
