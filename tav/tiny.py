@@ -448,3 +448,10 @@ def demo_sample_request(demo_dir=DEMO_DIR, **overrides):
                   guidance_scale=7.5, fmt=["gif", "mp4"])
     values.update(overrides)
     return SampleRequest(**values)
+
+
+def run_demo(demo_dir=DEMO_DIR):
+    """`make demo`: sample the tiny model on the generated clip; returns the files written."""
+    from tav.generate import run_sampling
+
+    return run_sampling(demo_sample_request(demo_dir))
