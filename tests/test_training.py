@@ -1,0 +1,408 @@
+"""One-shot tuning: what trains, the optimiser and schedules against PyTorch/diffusers, the compiled step (gradients
+with and without recompute, overflow skipping, fp16 master weights), and whole runs on a real clip: the loss falls,
+only the intended tensors change, the delta reproduces the tuned model, resume reproduces the loss sequence."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+
+from tav import checkpoint, tiny, training
+from tav.config import ConfigError, config_from_dict
+from tav.models.unet3d import UNet3DConditionModel, is_temporal_key
+from tav.schedulers import DDIMScheduler
+from tests.conftest import import_parity_extra
+
+OFFICIAL_MODULES = ["attn1.to_q", "attn2.to_q", "attn_temp"]
+
+# Smaller than tav.tiny's UNet (one block, no down/up-sampling) so each compiled train step builds quickly; it still
+# has every kind of trainable layer: attn1/attn2/attn_temp in the down, mid and up transformers.
+SMALL_UNET = dict(tiny.TINY_UNET_CONFIG, block_out_channels=[32], down_block_types=["CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D"])
+
+
+@pytest.fixture(autouse=True)
+def restore_context():
+    """train() sets the execution mode from its config; put the previous one back."""
+    mode = ms.get_context("mode")
+    yield
+    ms.set_context(mode=mode)
+
+
+@pytest.fixture(scope="module")
+def small_pipeline(tmp_path_factory):
+    """The tiny SD pipeline with the one-block UNet in unet/ (written as a 2-D SD checkpoint)."""
+    root = str(tmp_path_factory.mktemp("tiny-sd"))
+    tiny.write_tiny_pipeline(root)
+    ms.set_seed(0)
+    model = UNet3DConditionModel(dict(SMALL_UNET))
+    weights = {k: v for k, v in checkpoint.cell_state_dict(model).items() if not is_temporal_key(k)}
+    checkpoint.write_json_atomic(SMALL_UNET, os.path.join(root, "unet", "config.json"))
+    checkpoint.save_state_dict(weights, os.path.join(root, "unet", "diffusion_pytorch_model.safetensors"))
+    return root
+
+
+def run_config(pipeline, output_dir, video, **overrides):
+    values = dict(
+        pretrained_model_path=pipeline, output_dir=str(output_dir),
+        train_data=dict(video_path=str(video), prompt="a man is skiing", n_sample_frames=4, width=64, height=64,
+                        sample_frame_rate=2),
+        validation_data=dict(prompts=[], num_inference_steps=1, num_inv_steps=1),
+        learning_rate=1e-2, train_batch_size=2, max_train_steps=24, checkpointing_steps=12, validation_steps=24,
+        seed=7, mixed_precision="fp16", gradient_checkpointing=False, mode=0)
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    return config_from_dict(values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What trains
+
+
+def test_trainable_rule_is_the_official_module_suffix_match():
+    block = "down_blocks.0.attentions.0.transformer_blocks.0"
+    assert training.is_trainable(f"{block}.attn1.to_q.weight", OFFICIAL_MODULES)
+    assert training.is_trainable(f"{block}.attn2.to_q.weight", OFFICIAL_MODULES)
+    for leaf in ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias"):
+        assert training.is_trainable(f"{block}.attn_temp.{leaf}", OFFICIAL_MODULES)
+    for name in (f"{block}.attn1.to_k.weight", f"{block}.attn2.to_v.weight", f"{block}.norm_temp.weight",
+                 f"{block}.attn1.to_out.0.weight", f"{block}.ff.net.0.proj.weight", "conv_in.weight"):
+        assert not training.is_trainable(name, OFFICIAL_MODULES)
+
+
+def test_sd1_unet_trains_112_tensors_and_74m_parameters():
+    unet = UNet3DConditionModel(dict(cross_attention_dim=768))  # SD 1.x architecture, random weights
+    selected = training.select_trainable(unet, OFFICIAL_MODULES)
+    assert len(selected) == 112
+    assert sum(int(np.prod(p.shape)) for _, p in selected) == 74_354_880
+    assert all(p.requires_grad == (name in dict(selected)) for name, p in unet.parameters_and_names())
+
+
+def test_trainable_modules_matching_nothing_is_an_error():
+    unet = UNet3DConditionModel(dict(SMALL_UNET))
+    with pytest.raises(ConfigError, match="match no UNet module"):
+        training.select_trainable(unet, ["attn9.to_q"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numbers that steer a step: precision, learning rate, loss scale, optimiser, clipping
+
+
+def test_precision_plan_uses_fp16_with_loss_scaling_on_ascend_and_fp32_on_cpu():
+    assert training.precision_plan("fp16", "Ascend") == training.PrecisionPlan(ms.float16, True)
+    assert training.precision_plan("bf16", "Ascend") == training.PrecisionPlan(ms.bfloat16, False)
+    assert training.precision_plan("no", "Ascend") == training.PrecisionPlan(ms.float32, False)
+    cpu = training.precision_plan("fp16", "CPU")
+    assert (cpu.compute_dtype, cpu.loss_scaling) == (ms.float32, False) and "fp32" in cpu.notice
+    assert training.precision_plan("bf16", "GPU").compute_dtype == ms.float32
+    assert training.precision_plan("no", "CPU").notice == ""
+
+
+@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                                  "polynomial"])
+def test_learning_rates_follow_diffusers_get_scheduler(name):
+    torch, _ = import_parity_extra()
+    from diffusers.optimization import get_scheduler
+
+    total, warmup, base = 20, 4, 3e-5
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    config = run_config("/nonexistent", "/tmp", "/tmp/clip.mp4", lr_scheduler=name, lr_warmup_steps=warmup,
+                        max_train_steps=total, learning_rate=base)
+    for step in range(total):
+        assert training.learning_rate_at(config, step) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9,
+                                                                         abs=1e-15)
+        optimizer.step()
+        scheduler.step()
+
+
+def test_dynamic_loss_scale_halves_on_overflow_and_grows_after_a_window():
+    scale = training.DynamicLossScale(scale=1024.0, growth_interval=3)
+    scale.update(False)
+    assert scale.scale == 512.0
+    for _ in range(3):
+        scale.update(True)
+    assert scale.scale == 1024.0
+    assert training.DynamicLossScale(enabled=False).scale == 1.0
+
+
+def test_adamw_matches_torch_adamw(pynative):
+    torch, _ = import_parity_extra()
+    rng = np.random.default_rng(0)
+    start = [rng.standard_normal(shape).astype(np.float32) for shape in ((3, 5), (4,))]
+    grads = [[rng.standard_normal(w.shape).astype(np.float32) for w in start] for _ in range(6)]
+    lrs = [3e-2, 3e-2, 1e-2, 2e-2, 5e-3, 1e-2]
+
+    params = [(f"p{i}", ms.Parameter(ms.Tensor(w), name=f"p{i}")) for i, w in enumerate(start)]
+    optimizer = training.AdamW(params, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+
+    @ms.jit
+    def step(g, lr):
+        return optimizer(g, lr)
+
+    for g, lr in zip(grads, lrs):
+        step(tuple(ms.Tensor(x) for x in g), ms.Tensor(lr, ms.float32))
+
+    reference = [torch.nn.Parameter(torch.from_numpy(w.copy())) for w in start]
+    torch_opt = torch.optim.AdamW(reference, lr=lrs[0], betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+    for g, lr in zip(grads, lrs):
+        for param, x in zip(reference, g):
+            param.grad = torch.from_numpy(x)
+        torch_opt.param_groups[0]["lr"] = lr
+        torch_opt.step()
+    for (_, param), expected in zip(params, reference):
+        np.testing.assert_allclose(param.asnumpy(), expected.detach().numpy(), rtol=0, atol=1e-6)
+    assert int(optimizer.step.asnumpy()) == 6
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0])
+def test_gradient_clipping_matches_torch_clip_grad_norm(pynative, scale):
+    torch, _ = import_parity_extra()
+    rng = np.random.default_rng(1)
+    grads = [(scale * rng.standard_normal(shape)).astype(np.float32) for shape in ((4, 3), (7,))]
+    norm = training.global_norm([ms.Tensor(g) for g in grads])
+    clipped = training.clip_by_global_norm([ms.Tensor(g) for g in grads], 1.0, norm)
+    reference = [torch.nn.Parameter(torch.zeros(g.shape)) for g in grads]
+    for param, g in zip(reference, grads):
+        param.grad = torch.from_numpy(g.copy())
+    expected_norm = torch.nn.utils.clip_grad_norm_(reference, 1.0)
+    assert float(norm.asnumpy()) == pytest.approx(float(expected_norm), rel=1e-6)
+    for got, param in zip(clipped, reference):
+        np.testing.assert_allclose(got.asnumpy(), param.grad.numpy(), rtol=1e-6, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The compiled step
+
+
+def step_inputs(seed=0, frames=4, size=8, context_dim=32):
+    rng = np.random.default_rng(seed)
+    latent = (1, 4, frames, size, size)
+    return dict(
+        mean=ms.Tensor(rng.standard_normal(latent).astype(np.float32)),
+        std=ms.Tensor(np.full(latent, 0.1, np.float32)),
+        posterior_noise=ms.Tensor(rng.standard_normal((1,) + latent).astype(np.float32)),
+        noise=ms.Tensor(rng.standard_normal((1,) + latent).astype(np.float32)),
+        timesteps=ms.Tensor(np.array([[400]], np.int64)),
+        context=ms.Tensor(rng.standard_normal((1, 77, context_dim)).astype(np.float32)),
+    )
+
+
+def prepared_unet(pipeline, recompute, dtype=ms.float32):
+    unet = UNet3DConditionModel.from_pretrained_2d(pipeline)
+    # A fresh temporal layer has a zero output weight, so its q/k/v get no gradient at step 0 (as in the official
+    # code); give it a non-zero one, as after the first update.
+    rng = np.random.default_rng(3)
+    for name, param in unet.parameters_and_names():
+        if name.endswith("attn_temp.to_out.0.weight"):
+            param.set_data(ms.Tensor((0.1 * rng.standard_normal(param.shape)).astype(np.float32)))
+    trainable = training.select_trainable(unet, OFFICIAL_MODULES)
+    initial = {name: param.asnumpy().copy() for name, param in trainable}
+    training.cast_parameters(unet, dtype)
+    if recompute:
+        unet.enable_gradient_checkpointing()
+    optimizer = training.AdamW(trainable, weight_decay=0.0)  # no decay: a tensor moves only if it has a gradient
+    optimizer.load_master(initial)
+    step = training.build_train_step(unet, optimizer, DDIMScheduler.from_config(pipeline), 0.18215,
+                                     compute_dtype=dtype)
+    return unet, optimizer, step, initial
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["recompute-off", "recompute-on"])
+def test_every_trainable_tensor_gets_a_gradient(small_pipeline, recompute):
+    unet, optimizer, step, initial = prepared_unet(small_pipeline, recompute)
+    frozen = {name: p.asnumpy().copy() for name, p in unet.parameters_and_names() if name not in initial}
+    inputs = step_inputs()
+    loss, finite, norm = step(*inputs.values(), ms.Tensor(1e-3, ms.float32), ms.Tensor(1.0, ms.float32))
+    assert bool(finite.asnumpy()) and np.isfinite(float(loss.asnumpy())) and float(norm.asnumpy()) > 0
+    params = dict(unet.parameters_and_names())
+    no_gradient = [name for name in initial if np.array_equal(params[name].asnumpy(), initial[name])]
+    assert no_gradient == [], f"no gradient reached {no_gradient}"
+    assert any("down_blocks" in name for name in initial)  # the blocks the official loses under checkpointing
+    assert all(np.array_equal(params[name].asnumpy(), value) for name, value in frozen.items())
+
+    if not recompute:
+        # An infinite loss scale makes the gradients non-finite (an fp16 overflow): the update is skipped, nothing moves.
+        before = {name: params[name].asnumpy().copy() for name in initial}
+        _, finite, _ = step(*inputs.values(), ms.Tensor(1e-3, ms.float32), ms.Tensor(float("inf"), ms.float32))
+        assert not bool(finite.asnumpy())
+        assert all(np.array_equal(params[name].asnumpy(), before[name]) for name in initial)
+        assert int(optimizer.step.asnumpy()) == 1
+
+
+def test_fp16_step_keeps_fp32_master_weights(small_pipeline):
+    """The Ascend fp16 path, run on CPU: fp16 UNet, fp32 masters updated, the fp16 copies follow them."""
+    unet, optimizer, step, initial = prepared_unet(small_pipeline, recompute=False, dtype=ms.float16)
+    loss, finite, _ = step(*step_inputs().values(), ms.Tensor(1e-3, ms.float32), ms.Tensor(2.0 ** 16, ms.float32))
+    assert bool(finite.asnumpy()) and np.isfinite(float(loss.asnumpy()))
+    masters = optimizer.master_state()
+    params = dict(unet.parameters_and_names())
+    for name in initial:
+        assert masters[name].dtype == np.float32 and params[name].dtype == ms.float16
+        assert not np.array_equal(masters[name], initial[name])
+        np.testing.assert_array_equal(params[name].asnumpy(), masters[name].astype(np.float16))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole runs on a real clip
+
+
+@pytest.fixture(scope="module")
+def tuned(small_pipeline, shared_data, tmp_path_factory):
+    """24 steps on 4 frames of man-skiing.mp4 at 64x64, checkpoints at 12 and 24, validation at the end."""
+    out = tmp_path_factory.mktemp("run")
+    config = run_config(small_pipeline, out, shared_data / "man-skiing.mp4",
+                        validation_data=dict(prompts=["a bear is skiing", "a man is skiing, cartoon style"]))
+    before = checkpoint.cell_state_dict(UNet3DConditionModel.from_pretrained_2d(small_pipeline))
+    previous = ms.get_context("mode")
+    result = training.train(config)
+    ms.set_context(mode=previous)
+    return config, result, before
+
+
+def test_tuning_lowers_the_loss(tuned):
+    _, result, _ = tuned
+    losses = [loss for _, loss in result.losses]
+    assert len(losses) == 24 and all(np.isfinite(losses))
+    assert np.mean(losses[-6:]) < 0.85 * np.mean(losses[:6]), losses
+
+
+def test_only_the_trainable_tensors_change(tuned):
+    _, result, before = tuned
+    after = checkpoint.cell_state_dict(result.unet)
+    changed = sorted(name for name in before if not np.array_equal(before[name], after[name]))
+    expected = sorted(name for name in before if training.is_trainable(name, OFFICIAL_MODULES))
+    assert changed == expected
+    assert len(expected) == 4 * 7  # 4 transformer blocks x (attn1.to_q, attn2.to_q, 5 attn_temp tensors)
+
+
+def test_run_writes_log_checkpoints_delta_and_samples(tuned):
+    config, result, _ = tuned
+    out = config.output_dir
+    assert [os.path.basename(p) for _, p in training.list_checkpoints(out)] == ["checkpoint-12", "checkpoint-24"]
+    assert result.delta_path == os.path.join(out, "unet_delta.safetensors")
+    assert os.path.getsize(result.delta_path) < 2_000_000
+    assert os.path.isfile(os.path.join(out, "inv_latents", "ddim_latent-24.safetensors"))
+    for name in ("a bear is skiing.gif", "a man is skiing, cartoon style.gif"):
+        assert os.path.isfile(os.path.join(out, "samples", "step-24", name))
+    assert os.path.isfile(os.path.join(out, "samples", "step-24.gif"))
+    with open(result.log_path, encoding="utf-8") as handle:
+        log = handle.read()
+    assert "trainable: 28 tensors" in log and "step 24 loss" in log and "notice: mixed_precision: fp16" in log
+    assert log.strip().splitlines()[-1].split(" INFO ")[1].startswith(f"done: 24 steps. Outputs in {out}")
+    assert os.path.isfile(os.path.join(out, "config.yaml"))
+
+
+def test_delta_reproduces_the_tuned_model_exactly(tuned, small_pipeline):
+    _, result, _ = tuned
+    ms.set_seed(12345)  # a different temporal init than training's: the delta must override all of it
+    loaded = UNet3DConditionModel.from_pretrained_2d(small_pipeline)
+    metadata = training.apply_delta(loaded, result.delta_path)
+    assert json.loads(metadata["tav_step"]) == 24
+    rng = np.random.default_rng(5)
+    sample = ms.Tensor(rng.standard_normal((1, 4, 4, 8, 8)).astype(np.float32))
+    context = ms.Tensor(rng.standard_normal((1, 77, 32)).astype(np.float32))
+    t = ms.Tensor(np.array([321], np.int64))
+    np.testing.assert_array_equal(loaded(sample, t, context).asnumpy(), result.unet(sample, t, context).asnumpy())
+
+
+def test_delta_refuses_a_different_base_model(tuned, small_pipeline, tmp_path):
+    _, result, _ = tuned
+    other = UNet3DConditionModel.from_pretrained_2d(small_pipeline)
+    param = dict(other.parameters_and_names())["conv_in.weight"]
+    param.set_data(param + 1.0)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="other base weights"):
+        training.apply_delta(other, result.delta_path)
+    wrong_shape = UNet3DConditionModel(dict(SMALL_UNET, cross_attention_dim=16))
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="architecture"):
+        training.apply_delta(wrong_shape, result.delta_path)
+    not_a_delta = tmp_path / "plain.safetensors"
+    checkpoint.save_state_dict({"x": np.zeros(2, np.float32)}, not_a_delta)
+    with pytest.raises(checkpoint.CheckpointError, match="not a tav UNet delta"):
+        training.apply_delta(other, not_a_delta)
+
+
+def test_resume_reproduces_the_uninterrupted_loss_sequence(tuned, small_pipeline, shared_data, tmp_path):
+    config, result, _ = tuned
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(os.path.join(config.output_dir, "checkpoint-12"), out / "checkpoint-12")
+    resumed_config = run_config(small_pipeline, out, shared_data / "man-skiing.mp4",
+                                resume_from_checkpoint="latest", checkpoints_total_limit=1)
+    resumed = training.train(resumed_config)
+    assert resumed.losses[:12] == result.losses[:12]  # carried over from the checkpoint
+    np.testing.assert_array_equal(np.array(resumed.losses[12:]), np.array(result.losses[12:]))
+    assert [os.path.basename(p) for _, p in training.list_checkpoints(out)] == ["checkpoint-24"]
+    tuned_tensors, _ = training.read_delta(result.delta_path)
+    resumed_tensors, _ = training.read_delta(resumed.delta_path)
+    assert all(np.array_equal(tuned_tensors[k], resumed_tensors[k]) for k in tuned_tensors)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_pipeline, shared_data, tmp_path, monkeypatch):
+    """The loop's reaction to a non-finite loss; the step itself is replaced (its overflow check is tested above)."""
+    calls = []
+
+    def fake_build(*args, **kwargs):
+        def step(*inputs):
+            calls.append(1)
+            loss = float("nan") if len(calls) == 3 else 1.0
+            return ms.Tensor(loss, ms.float32), ms.Tensor(np.isfinite(loss)), ms.Tensor(0.5, ms.float32)
+        return step
+
+    monkeypatch.setattr(training, "build_train_step", fake_build)
+    config = run_config(small_pipeline, tmp_path / "out", shared_data / "man-skiing.mp4", checkpointing_steps=2)
+    with pytest.raises(training.TrainingError, match=r"loss is nan .* step 3.*checkpoint-2"):
+        training.train(config)
+    assert [step for step, _ in training.list_checkpoints(config.output_dir)] == [2]
+
+
+def test_missing_base_model_names_the_key(tmp_path, shared_data):
+    config = run_config(str(tmp_path / "no-model"), tmp_path / "out", shared_data / "man-skiing.mp4")
+    with pytest.raises(ConfigError, match="pretrained_model_path.*does not exist"):
+        training.train(config)
+
+
+def test_incomplete_base_model_names_the_missing_parts(tmp_path, shared_data):
+    (tmp_path / "sd" / "unet").mkdir(parents=True)
+    config = run_config(str(tmp_path / "sd"), tmp_path / "out", shared_data / "man-skiing.mp4")
+    with pytest.raises(ConfigError, match="missing vae/, text_encoder/, tokenizer/, scheduler/"):
+        training.train(config)
+
+
+def test_missing_video_names_the_key(small_pipeline, tmp_path):
+    config = run_config(small_pipeline, tmp_path / "out", tmp_path / "nothing.mp4")
+    with pytest.raises(ConfigError, match="train_data.video_path.*does not exist"):
+        training.train(config)
+
+
+def test_too_short_video_is_an_error(small_pipeline, shared_data, tmp_path):
+    config = run_config(small_pipeline, tmp_path / "out", shared_data / "man-skiing.mp4",
+                        train_data=dict(n_sample_frames=50, sample_frame_rate=2),
+                        validation_data=dict(use_inv_latent=False))
+    with pytest.raises(ConfigError, match="train_data.video_path.*too few frames"):
+        training.train(config)
+
+
+def test_unwritable_output_dir_is_an_error(small_pipeline, shared_data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    config = run_config(small_pipeline, blocker / "out", shared_data / "man-skiing.mp4")
+    with pytest.raises(ConfigError, match="output_dir.*not writable"):
+        training.train(config)
+
+
+def test_resume_from_a_folder_that_is_not_a_checkpoint(small_pipeline, shared_data, tmp_path):
+    config = run_config(small_pipeline, tmp_path / "out", shared_data / "man-skiing.mp4",
+                        resume_from_checkpoint=str(tmp_path))
+    with pytest.raises(ConfigError, match="resume_from_checkpoint.*not a checkpoint folder"):
+        training.train(config)
