@@ -195,6 +195,8 @@ def config_from_dict(raw, source="<dict>", base_dir=None):
     validation_data = _section(raw["validation_data"], ValidationData, "validation_data", source)
     values = {k: v for k, v in raw.items() if k not in ("train_data", "validation_data")}
     checked = {}
+    if values.get("mixed_precision") is False:  # YAML 1.1 reads the official value `no` as false
+        values["mixed_precision"] = "no"
     for f in dataclasses.fields(TrainConfig):
         if f.name in values:
             checked[f.name] = _check_value(f.name, values[f.name], _FIELD_TYPES[f.name], source)
@@ -278,9 +280,12 @@ def _check_value(key, value, kind, source):
     if kind == "float":
         if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string; accept what it means
             try:
-                value = float(value)
+                number = float(value)
             except ValueError:
+                number = None
+            if number is None:
                 fail("a number")
+            value = number
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             fail("a finite number")
         return float(value)

@@ -771,7 +771,10 @@ def train(config, step_callback=None):
     input and TrainingError when the loss stops being finite (the last good checkpoint stays on disk)."""
     from tqdm.auto import tqdm
 
-    backend.configure(device_target=config.device_target, mode=config.mode, jit_level=config.jit_level)
+    target = config.device_target
+    if target is not None and backend.normalise_device_target(target) == backend.device_target():
+        target = None  # already set (MindSpore refuses to set the device again once kernels have run)
+    backend.configure(device_target=target, mode=config.mode, jit_level=config.jit_level)
     check_input_paths(config)
     _check_output_dir(config)
     log_path = _setup_logging(config.output_dir)
@@ -879,6 +882,8 @@ def train(config, step_callback=None):
             last_latents = posterior_noise[-1, :1]
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_step=f"{seconds:.2f}")
+            if global_step == config.max_train_steps:
+                bar.close()  # so the bar's rate and time are the training's, not the final validation's
             _log_to_file(f"step {global_step} loss {loss:.6f} lr {lr:.3e} grad_norm {norm:.4f} time {seconds:.3f}s")
             if step_callback is not None:
                 step_callback(global_step, loss)

@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Tune a Stable Diffusion UNet on one clip (Tune-A-Video), from an official-format YAML config.
+
+    python tools/train.py --config configs/man-skiing.yaml [key=value ...] [--device_target Ascend|CPU|GPU]
+                          [--mode 0|1] [--jit_level O0|O1|O2]
+
+key=value overrides any config key; dotted keys reach into sections (train_data.n_sample_frames=8,
+validation_data.prompts=[a,b]). `--config configs/tiny.yaml` runs the CPU demo and writes its tiny model and clip
+on first use. Outputs: <output_dir>/unet_delta.safetensors (for tools/sample.py --unet), checkpoint-N/, samples/,
+train.log.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="training YAML (the official Tune-A-Video format)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--device_target", choices=["Ascend", "CPU", "GPU"], help="overrides the config's device_target")
+    p.add_argument("--mode", type=int, choices=[0, 1], help="0 graph (default), 1 pynative (the step is compiled "
+                                                             "either way)")
+    p.add_argument("--jit_level", choices=["O0", "O1", "O2"])
+    return p.parse_args(argv)
+
+
+def command_line_overrides(args):
+    extra = [f"{key}={getattr(args, key)}" for key in ("device_target", "mode", "jit_level")
+             if getattr(args, key) is not None]
+    return list(args.overrides) + extra
+
+
+def ensure_demo_assets(config):
+    """Write the tiny model and the demo clip when the config points at them and they are not there yet."""
+    from tav import tiny
+
+    demo_dir = os.path.abspath(tiny.DEMO_DIR)
+    model, clip = os.path.join(demo_dir, "tiny-sd"), os.path.join(demo_dir, "demo-clip.mp4")
+    wanted = config.pretrained_model_path == model or config.train_data.video_path == clip
+    if wanted and not (os.path.isdir(model) and os.path.isfile(clip)):
+        print(f"writing the tiny demo model and clip under {demo_dir}")
+        tiny.demo_assets(demo_dir)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from tav import backend
+    from tav.config import ConfigError, load_train_config
+    from tav.training import TrainingError, train
+
+    try:
+        config = load_train_config(args.config, command_line_overrides(args))
+        if config.device_target:
+            backend.configure(device_target=config.device_target)  # before any kernel runs
+        ensure_demo_assets(config)
+        train(config)
+    except (ConfigError, TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
