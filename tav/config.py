@@ -10,6 +10,11 @@ AdamW), `mixed_precision` is honoured where the device supports it (fp16/bf16 on
 tav.training.precision_plan). An unknown key, at the top level or inside train_data / validation_data, is an error
 naming the key and the file. Relative paths resolve against the working directory, as in the official script.
 
+Two official keys read slightly differently: `train_batch_size` B draws B noise/timestep pairs of the clip per step
+(the official dataset holds one clip, so its batches hold one video whatever B says), and
+`gradient_accumulation_steps` A averages the gradients of A such draws per update (lr_warmup_steps and
+max_train_steps count updates). With the shipped values (1 and 1) both match the official exactly.
+
 tav's own keys (all optional):
     attention_backend       auto | math | chunked | flash; wins over enable_xformers_memory_efficient_attention
     device_target, mode, jit_level   MindSpore context (the command line overrides them)

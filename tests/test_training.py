@@ -1,6 +1,7 @@
 """One-shot tuning: what trains, the optimiser and schedules against PyTorch/diffusers, the compiled step (gradients
 with and without recompute, overflow skipping, fp16 master weights), and whole runs on a real clip: the loss falls,
 only the intended tensors change, the delta reproduces the tuned model, resume reproduces the loss sequence."""
+import dataclasses
 import json
 import os
 import shutil
@@ -214,6 +215,44 @@ def prepared_unet(pipeline, recompute, dtype=ms.float32):
     return unet, optimizer, step, initial
 
 
+class ScaleModel(ms.nn.Cell):
+    """prediction = w * noisy latents: small enough to check the step's arithmetic by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = ms.Parameter(ms.Tensor(np.array([0.3], np.float32)), name="w")
+
+    def construct(self, sample, timestep, context):
+        return sample * self.w
+
+
+def test_step_averages_micro_steps_unscales_and_reports_the_pre_clip_norm(pynative):
+    model = ScaleModel()
+    optimizer = training.AdamW([("w", model.w)], weight_decay=0.0)
+    scheduler = DDIMScheduler()
+    step = training.build_train_step(model, optimizer, scheduler, scaling_factor=0.5, max_grad_norm=1e-3)
+    rng = np.random.default_rng(0)
+    latent = (1, 4, 2, 2, 2)
+    mean, std = rng.standard_normal(latent).astype(np.float32), np.full(latent, 0.2, np.float32)
+    posterior, noise = (rng.standard_normal((2,) + latent).astype(np.float32) for _ in range(2))
+    timesteps = np.array([[100], [900]], np.int64)
+    loss, finite, norm = step(ms.Tensor(mean), ms.Tensor(std), ms.Tensor(posterior), ms.Tensor(noise),
+                              ms.Tensor(timesteps), ms.Tensor(np.zeros((1, 77, 8), np.float32)),
+                              ms.Tensor(1e-2, ms.float32), ms.Tensor(1024.0, ms.float32))
+    losses, grads = [], []
+    for i in range(2):  # the same thing by hand, per micro-step
+        a = scheduler.alphas_cumprod[timesteps[i, 0]].astype(np.float64)
+        noisy = np.sqrt(a) * (mean + std * posterior[i]) * 0.5 + np.sqrt(1 - a) * noise[i]
+        residual = 0.3 * noisy - noise[i]
+        losses.append(np.mean(residual ** 2))
+        grads.append(np.mean(2 * residual * noisy))
+    assert bool(finite.asnumpy())
+    assert float(loss.asnumpy()) == pytest.approx(np.mean(losses), rel=1e-5)
+    assert float(norm.asnumpy()) == pytest.approx(abs(np.mean(grads)), rel=1e-4)
+    # clipped to 1e-3 then one Adam step: the first step moves w by lr against the gradient's sign
+    assert float(model.w.asnumpy()[0]) == pytest.approx(0.3 - 1e-2 * np.sign(np.mean(grads)), rel=1e-4)
+
+
 @pytest.mark.parametrize("recompute", [False, True], ids=["recompute-off", "recompute-on"])
 def test_every_trainable_tensor_gets_a_gradient(small_pipeline, recompute):
     unet, optimizer, step, initial = prepared_unet(small_pipeline, recompute)
@@ -301,9 +340,11 @@ def test_run_writes_log_checkpoints_delta_and_samples(tuned):
 
 def test_delta_reproduces_the_tuned_model_exactly(tuned, small_pipeline):
     _, result, _ = tuned
+    from tav.pipeline import load_unet
+
     ms.set_seed(12345)  # a different temporal init than training's: the delta must override all of it
-    loaded = UNet3DConditionModel.from_pretrained_2d(small_pipeline)
-    metadata = training.apply_delta(loaded, result.delta_path)
+    loaded = load_unet(small_pipeline, unet=result.delta_path)  # what tools/sample.py --unet does
+    _, metadata = training.read_delta(result.delta_path)
     assert json.loads(metadata["tav_step"]) == 24
     rng = np.random.default_rng(5)
     sample = ms.Tensor(rng.standard_normal((1, 4, 4, 8, 8)).astype(np.float32))
@@ -406,3 +447,18 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint(small_pipeline, shared_da
                         resume_from_checkpoint=str(tmp_path))
     with pytest.raises(ConfigError, match="resume_from_checkpoint.*not a checkpoint folder"):
         training.train(config)
+
+
+def test_full_pipeline_export_holds_the_tuned_unet(tuned, tmp_path):
+    config, result, _ = tuned
+    export = dataclasses.replace(config, output_dir=str(tmp_path / "export"))
+    os.makedirs(export.output_dir)
+    training.save_full_pipeline(export, result.unet)
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert os.path.isdir(os.path.join(export.output_dir, part))
+    assert checkpoint.read_json(os.path.join(export.output_dir, "model_index.json"))["_class_name"] == \
+        "TuneAVideoPipeline"
+    loaded = checkpoint.cell_state_dict(UNet3DConditionModel.from_pretrained(export.output_dir))
+    tuned_state = checkpoint.cell_state_dict(result.unet)
+    assert loaded.keys() == tuned_state.keys()
+    assert all(np.array_equal(loaded[name], tuned_state[name]) for name in loaded)
