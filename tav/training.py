@@ -453,6 +453,11 @@ def apply_delta(unet, path, check_base=True):
     the base weights; any mismatch raises CheckpointMismatchError saying what differs and leaves `unet` untouched.
     Tensors are cast to the parameters' dtype. Returns the header metadata (step, config, ...)."""
     tensors, metadata = read_delta(path)
+    _apply_delta_tensors(unet, tensors, metadata, path, check_base)
+    return metadata
+
+
+def _apply_delta_tensors(unet, tensors, metadata, path, check_base):
     config_sha = unet_config_sha256(unet)
     if metadata.get("tav_base_unet_config_sha256") != config_sha:
         raise checkpoint.CheckpointMismatchError(
@@ -475,7 +480,6 @@ def apply_delta(unet, path, check_base=True):
                 f"it was trained on {json.loads(metadata.get('tav_base_model_path', 'null'))}. "
                 f"Load the same Stable Diffusion folder, or pass check_base=False to apply it anyway")
     checkpoint.load_state_dict_into(unet, tensors, strict=False, source=path, ignore=lambda name: True)
-    return metadata
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -504,6 +508,7 @@ def write_checkpoint(output_dir, step, delta, identity, optimizer, noise, loss_s
     """Write checkpoint-<step>/ atomically: into a hidden temporary folder, then renamed into place."""
     final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
     tmp = tempfile.mkdtemp(dir=output_dir, prefix=f".{CHECKPOINT_PREFIX}{step}.", suffix=".tmp")
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the checkpoint is an ordinary output folder
     try:
         save_delta(os.path.join(tmp, DELTA_NAME), delta, identity, config, step, config.pretrained_model_path,
                    config.trainable_modules)
@@ -556,8 +561,9 @@ def resolve_resume(config):
 def load_checkpoint(path, unet, optimizer, noise, loss_scale):
     """Restore weights, optimiser moments, RNG state and loss scale; returns (global_step, losses)."""
     state = checkpoint.read_json(os.path.join(path, STATE_NAME), what="training state")
-    apply_delta(unet, os.path.join(path, DELTA_NAME))
-    tensors, _ = read_delta(os.path.join(path, DELTA_NAME))
+    delta_path = os.path.join(path, DELTA_NAME)
+    tensors, metadata = read_delta(delta_path)
+    _apply_delta_tensors(unet, tensors, metadata, delta_path, check_base=True)
     optimizer.load_master({name: tensors[name] for name in optimizer.names})
     optimizer.load_state_arrays(checkpoint.read_state_dict(os.path.join(path, OPTIMIZER_NAME)),
                                 state["adamw_step"], source=path)
@@ -678,12 +684,11 @@ def run_validation(config, step, unet, vae, tokenizer, text_encoder, latents, co
 def save_full_pipeline(config, unet):
     """output_dir/{unet, vae, text_encoder, tokenizer, scheduler, model_index.json}: the tuned UNet (config +
     safetensors) and the base model's other parts copied unchanged; each part is replaced atomically."""
-    from tav.models.unet3d import UNet3DConditionModel  # noqa: F401  (documents what unet/ holds)
-
     out = config.output_dir
 
     def replace_dir(name, fill):
         tmp = tempfile.mkdtemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+        os.chmod(tmp, 0o755)
         try:
             fill(tmp)
             final = os.path.join(out, name)

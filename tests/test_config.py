@@ -1,10 +1,8 @@
 """The training config: the official YAML files parse and validate unchanged, defaults are the official ones,
 unknown keys and bad values are errors naming the key and the file, relative paths resolve against the working
 directory, and the command line reaches every key."""
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

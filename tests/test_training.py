@@ -267,7 +267,7 @@ def test_every_trainable_tensor_gets_a_gradient(small_pipeline, recompute):
     assert all(np.array_equal(params[name].asnumpy(), value) for name, value in frozen.items())
 
     if not recompute:
-        # An infinite loss scale makes the gradients non-finite (an fp16 overflow): the update is skipped, nothing moves.
+        # An infinite loss scale makes the gradients non-finite (as an fp16 overflow): no update, nothing moves.
         before = {name: params[name].asnumpy().copy() for name in initial}
         _, finite, _ = step(*inputs.values(), ms.Tensor(1e-3, ms.float32), ms.Tensor(float("inf"), ms.float32))
         assert not bool(finite.asnumpy())
