@@ -181,3 +181,15 @@ def test_command_line_reports_an_unknown_key_without_a_traceback(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert run.returncode == 1
     assert f"error: {path}: unknown key 'bogus'" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_command_line_flags_become_overrides():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_tool", REPO_ROOT / "tools" / "train.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = tool.parse_args(["--config", "c.yaml", "max_train_steps=3", "--device_target", "Ascend", "--mode", "1",
+                            "--jit_level", "O1", "--resume_from_checkpoint", "latest"])
+    assert tool.command_line_overrides(args) == ["max_train_steps=3", "device_target=Ascend", "mode=1",
+                                                 "jit_level=O1", "resume_from_checkpoint=latest"]

@@ -2,7 +2,7 @@
 """Tune a Stable Diffusion UNet on one clip (Tune-A-Video), from an official-format YAML config.
 
     python tools/train.py --config configs/man-skiing.yaml [key=value ...] [--device_target Ascend|CPU|GPU]
-                          [--mode 0|1] [--jit_level O0|O1|O2]
+                          [--mode 0|1] [--jit_level O0|O1|O2] [--resume_from_checkpoint latest|PATH]
 
 key=value overrides any config key; dotted keys reach into sections (train_data.n_sample_frames=8,
 validation_data.prompts=[a,b]). `--config configs/tiny.yaml` runs the CPU demo and writes its tiny model and clip
@@ -24,11 +24,13 @@ def parse_args(argv=None):
     p.add_argument("--mode", type=int, choices=[0, 1], help="0 graph (default), 1 pynative (the step is compiled "
                                                              "either way)")
     p.add_argument("--jit_level", choices=["O0", "O1", "O2"])
+    p.add_argument("--resume_from_checkpoint", metavar="latest|PATH",
+                   help="continue from the newest checkpoint-N in output_dir (latest) or from a checkpoint folder")
     return p.parse_args(argv)
 
 
 def command_line_overrides(args):
-    extra = [f"{key}={getattr(args, key)}" for key in ("device_target", "mode", "jit_level")
+    extra = [f"{key}={getattr(args, key)}" for key in ("device_target", "mode", "jit_level", "resume_from_checkpoint")
              if getattr(args, key) is not None]
     return list(args.overrides) + extra
 
