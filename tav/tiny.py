@@ -450,8 +450,23 @@ def demo_sample_request(demo_dir=DEMO_DIR, **overrides):
     return SampleRequest(**values)
 
 
-def run_demo(demo_dir=DEMO_DIR):
-    """`make demo`: sample the tiny model on the generated clip; returns the files written."""
+def run_demo(demo_dir=DEMO_DIR, config_path=None):
+    """`make demo`: tune the tiny model on the generated clip (configs/tiny.yaml: a few steps), then invert the clip
+    and sample two prompts with the tuned UNet's trainable-only delta, as tools/sample.py --unet does.
+    Returns the files written."""
+    from tav.config import load_train_config
     from tav.generate import run_sampling
+    from tav.training import train
 
-    return run_sampling(demo_sample_request(demo_dir))
+    model, clip = demo_assets(demo_dir)
+    written = []
+    if config_path is not None:
+        overrides = [f"pretrained_model_path={model}", f"train_data.video_path={clip}",
+                     f"output_dir={os.path.join(demo_dir, 'tuned')}",
+                     "validation_data.prompts=[]"]  # sampling below, with the delta, instead
+        result = train(load_train_config(config_path, overrides))
+        written.append(result.delta_path)
+        request = demo_sample_request(demo_dir, unet=result.delta_path)
+    else:
+        request = demo_sample_request(demo_dir)
+    return written + run_sampling(request)

@@ -21,7 +21,8 @@ def main(argv=None):
     backend.configure(device_target=args.device_target, mode=args.mode)
     from tav import tiny
 
-    written = tiny.run_demo(args.demo_dir)
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
+    written = tiny.run_demo(args.demo_dir, config_path=config)
     print(f"demo done; outputs in {os.path.abspath(args.demo_dir)}:")
     for path in written:
         print("  " + str(path))
