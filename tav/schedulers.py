@@ -30,6 +30,16 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 CONFIG_NAME = "scheduler_config.json"
+# Stable Diffusion 1.x's noise schedule as its scheduler_config.json gives it (the DDIM-relevant fields).
+SD_V1_SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    set_alpha_to_one=False,
+    clip_sample=False,
+)
 # dtype of the timestep Tensor handed to the UNet (diffusers and mindone use int64 too).
 TIMESTEP_DTYPE = ms.int64
 

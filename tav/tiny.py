@@ -290,19 +290,10 @@ def _torch_save(weights, path):
 
 def write_tiny_scheduler(folder):
     """SD v1.x's scheduler_config.json (the noise schedule is the real one; nothing here is tiny)."""
-    config = {
-        "_class_name": "DDIMScheduler",
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "trained_betas": None,
-        "steps_offset": 1,
-        "set_alpha_to_one": False,
-        "clip_sample": False,
-        "skip_prk_steps": True,
-        "prediction_type": "epsilon",
-    }
+    from tav.schedulers import SD_V1_SCHEDULE
+
+    config = {"_class_name": "DDIMScheduler", **SD_V1_SCHEDULE, "trained_betas": None, "skip_prk_steps": True,
+              "prediction_type": "epsilon"}
     os.makedirs(folder, exist_ok=True)
     write_json_atomic(config, os.path.join(folder, "scheduler_config.json"))
     return config

@@ -7,17 +7,9 @@ from mindspore import nn, ops
 
 from tav.inversion import ddim_invert
 from tav.sampling import denoise, prepare_latents
-from tav.schedulers import DDIMScheduler
+from tav.schedulers import SD_V1_SCHEDULE, DDIMScheduler
 
-SD = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    steps_offset=1,
-    set_alpha_to_one=False,
-    clip_sample=False,
-)
+SD = SD_V1_SCHEDULE
 B, F, H, W, L, D = 2, 3, 4, 5, 7, 8
 LATENT = (B, 4, F, H, W)
 TOL = 1e-4  # measured ~1e-6

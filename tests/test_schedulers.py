@@ -6,17 +6,9 @@ import numpy as np
 import pytest
 from mindspore import nn
 
-from tav.schedulers import DDIMConfig, DDIMScheduler
+from tav.schedulers import SD_V1_SCHEDULE, DDIMConfig, DDIMScheduler
 
-SD = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    steps_offset=1,
-    set_alpha_to_one=False,
-    clip_sample=False,
-)
+SD = SD_V1_SCHEDULE
 CONFIGS = {
     "sd": SD,
     "sd_alpha_to_one": {**SD, "set_alpha_to_one": True},
