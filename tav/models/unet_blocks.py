@@ -5,6 +5,15 @@ from tav.models.attention import Transformer3DModel
 from tav.models.resnet import Downsample3D, ResnetBlock3D, Upsample3D
 
 
+def transformer_stack(num_layers, channels, num_attention_heads, cross_attention_dim, groups, attention_options):
+    """One Transformer3DModel per resnet; `num_attention_heads` heads of width channels // heads."""
+    return nn.CellList([
+        Transformer3DModel(num_attention_heads, channels // num_attention_heads, channels, cross_attention_dim,
+                           norm_num_groups=groups, **attention_options)
+        for _ in range(num_layers)
+    ])
+
+
 class DownBlock3D(nn.Cell):
     has_cross_attention = False
 
@@ -41,11 +50,8 @@ class CrossAttnDownBlock3D(DownBlock3D):
                  resnet_time_scale_shift="default", output_scale_factor=1.0, **attention_options):
         super().__init__(num_layers, in_channels, out_channels, temb_channels, add_downsample, resnet_eps,
                          resnet_groups, downsample_padding, resnet_time_scale_shift, output_scale_factor)
-        self.attentions = nn.CellList([
-            Transformer3DModel(num_attention_heads, out_channels // num_attention_heads, out_channels,
-                               cross_attention_dim, norm_num_groups=resnet_groups, **attention_options)
-            for _ in range(num_layers)
-        ])
+        self.attentions = transformer_stack(num_layers, out_channels, num_attention_heads, cross_attention_dim,
+                                            resnet_groups, attention_options)
 
     def construct(self, x, temb, encoder_hidden_states):
         skips = ()
@@ -119,11 +125,8 @@ class CrossAttnUpBlock3D(UpBlock3D):
                  resnet_time_scale_shift="default", output_scale_factor=1.0, **attention_options):
         super().__init__(num_layers, in_channels, out_channels, prev_output_channel, temb_channels, add_upsample,
                          resnet_eps, resnet_groups, resnet_time_scale_shift, output_scale_factor)
-        self.attentions = nn.CellList([
-            Transformer3DModel(num_attention_heads, out_channels // num_attention_heads, out_channels,
-                               cross_attention_dim, norm_num_groups=resnet_groups, **attention_options)
-            for _ in range(num_layers)
-        ])
+        self.attentions = transformer_stack(num_layers, out_channels, num_attention_heads, cross_attention_dim,
+                                            resnet_groups, attention_options)
 
     def construct(self, x, skips, temb, encoder_hidden_states, upsample_size):
         n = len(skips)
