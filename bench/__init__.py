@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks (not part of pytest): `python bench/run.py --config small`."""

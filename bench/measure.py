@@ -1,0 +1,68 @@
+"""Timing and memory for one case, the same for every framework: first call (compile + run), then `warmup` more
+calls, then `repeats` timed calls whose median is the steady-state step time. Memory is the process's peak
+resident set size (ru_maxrss), which is why each case runs in a fresh process."""
+import os
+import resource
+import statistics
+import sys
+import time
+
+
+def peak_rss_mb():
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+
+def current_rss_mb():
+    """Resident set size now (Linux /proc), or None elsewhere."""
+    try:
+        with open("/proc/self/statm") as handle:
+            pages = int(handle.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / (1024.0 * 1024.0)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_step(step, warmup, repeats):
+    """Call `step()` (which must block until its result is computed) 1 + warmup + repeats times.
+
+    Returns first_call_s (includes graph compilation), the steady-state times, their median, and the CPU seconds
+    per steady step (cpu / wall shows how many cores the step really kept busy).
+    """
+    started = time.perf_counter()
+    step()
+    first = time.perf_counter() - started
+    rss_after_first = peak_rss_mb()
+    for _ in range(warmup):
+        step()
+    times, cpu = [], []
+    for _ in range(repeats):
+        cpu_start, started = cpu_seconds(), time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+        cpu.append(cpu_seconds() - cpu_start)
+    median = statistics.median(times) if times else None
+    return {
+        "first_call_s": first,
+        "compile_s": max(first - median, 0.0) if median is not None else None,
+        "median_s": median,
+        "min_s": min(times) if times else None,
+        "times_s": times,
+        "cpu_per_step_s": statistics.median(cpu) if cpu else None,
+        "peak_rss_after_first_mb": rss_after_first,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_end_mb": current_rss_mb(),
+    }
+
+
+def load_average():
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None

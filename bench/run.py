@@ -1,0 +1,326 @@
+#!/usr/bin/env python
+"""Time tav's UNet3D sampling and train steps (and PyTorch's stand-in) and print a markdown table + write JSON.
+
+    python bench/run.py --config small            # the default table: ~10 minutes on 2 quiet cores
+    python bench/run.py --config sd15 --steps sample --frameworks tav,torch   # opt-in, minutes per step
+
+Each case runs in its own process (`python -m bench.worker`), so peak RSS is the case's own and no compile cache
+is shared. Per case: the first call (graph compilation + one step), `--warmup` more calls, then the median of
+`--repeats` timed calls. See bench/README.md for what each column means.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.configs import CONFIGS, get_config  # noqa: E402
+from bench.measure import load_average  # noqa: E402
+from bench.worker import RESULT_PREFIX  # noqa: E402
+
+STEPS = ("sample", "train", "attn1")
+FRAMEWORKS = ("tav", "torch")
+TAV_MODES = ("graph", "pynative")
+TAV_ATTENTION = ("math", "chunked")
+# The chunked rows' score-block budget (elements): small enough that `small` really splits its queries
+# (attn1 at 32x32: 128 (b f h) x 2048 keys per query -> 64-query chunks). The library default (2**27) would not
+# chunk at this size, making the row a copy of math.
+BENCH_CHUNK_BUDGET = 2**24
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="small", choices=sorted(CONFIGS))
+    parser.add_argument("--steps", default="sample,train,attn1", help=f"comma list of {', '.join(STEPS)}")
+    parser.add_argument("--frameworks", default="tav,torch", help="comma list of tav, torch")
+    parser.add_argument("--modes", default="graph,pynative", help="tav execution modes to time")
+    parser.add_argument("--attention", default="math,chunked", help="tav attention backends to time")
+    parser.add_argument("--torch-attention", default="sdpa",
+                        help="diffusers attention processors: sdpa (AttnProcessor2_0, default) and/or math")
+    parser.add_argument("--frames", default=None,
+                        help="comma list of frame counts for the sweep (default: the config's sweep, e.g. 4,8,16,24 "
+                             "at small; the first headline rows always use the config's frame count)")
+    parser.add_argument("--latent", type=int, default=None, help="latent height = width (pixels / 8)")
+    parser.add_argument("--batch", type=int, default=None, help="videos per step (sampling doubles it for CFG)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for both frameworks")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls; the table shows their median")
+    parser.add_argument("--chunk-budget", type=int, default=BENCH_CHUNK_BUDGET,
+                        help="score elements per chunk for the chunked rows (tav.kernels.chunked budget)")
+    parser.add_argument("--weights", default=None,
+                        help="safetensors file loaded into both models (tav: all keys; diffusers: minus _temp. keys)")
+    parser.add_argument("--export-weights", default=None, metavar="FILE",
+                        help="write tav's seeded random UNet weights for --config to FILE (safetensors) and exit")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per case before it is abandoned")
+    parser.add_argument("--json", default=None, help="result file (default bench/results/<config>.json)")
+    parser.add_argument("--quiet", action="store_true", help="no per-case progress lines")
+    return parser.parse_args(argv)
+
+
+def _csv(text, allowed=None, what="value"):
+    items = [item.strip() for item in str(text).split(",") if item.strip()]
+    if allowed is not None:
+        bad = [item for item in items if item not in allowed]
+        if bad:
+            raise SystemExit(f"bench: unknown {what} {bad}; choose from {', '.join(allowed)}")
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What to run
+
+
+def plan_cases(args):
+    """The list of cases. Headline rows at the config's frame count: tav graph/pynative x math/chunked and
+    PyTorch; then the frame sweep with tav graph + math and PyTorch."""
+    config = get_config(args.config).with_overrides(latent=args.latent, batch=args.batch, threads=args.threads)
+    steps = _csv(args.steps, STEPS, "step")
+    frameworks = _csv(args.frameworks, FRAMEWORKS, "framework")
+    modes = _csv(args.modes, TAV_MODES, "mode")
+    attentions = _csv(args.attention, TAV_ATTENTION, "attention backend")
+    torch_attentions = _csv(args.torch_attention, ("sdpa", "math"), "torch attention")
+    sweep = [int(f) for f in _csv(args.frames)] if args.frames else list(config.frame_sweep)
+
+    def case(framework, step, frames, mode, attention):
+        return {
+            "id": f"{framework}/{step}/{mode}/{attention}/f{frames}",
+            "framework": framework, "step": step, "config": config.name, "frames": frames,
+            "latent": config.latent, "batch": config.batch, "threads": config.threads, "mode": mode,
+            "attention": attention, "warmup": args.warmup, "repeats": args.repeats, "weights": args.weights,
+            "chunk_budget": args.chunk_budget if attention == "chunked" else None,
+        }
+
+    cases = []
+    for step in steps:
+        headline = []
+        if "tav" in frameworks:
+            for mode in modes:
+                for attention in attentions:
+                    if step == "attn1" and mode == "pynative":
+                        continue  # one layer: the graph/pynative question is answered by the full steps
+                    headline.append(case("tav", step, config.frames, mode, attention))
+        if "torch" in frameworks:
+            headline += [case("torch", step, config.frames, "eager", a) for a in torch_attentions]
+        cases += headline
+        for frames in sweep:
+            if frames == config.frames:
+                continue
+            if "tav" in frameworks:
+                cases.append(case("tav", step, frames, modes[0] if modes else "graph",
+                                  attentions[0] if attentions else "math"))
+            if "torch" in frameworks:
+                cases.append(case("torch", step, frames, "eager", torch_attentions[0]))
+    return config, cases
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def worker_env(threads):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    # Read by OpenMP/oneDNN (both frameworks) when they start: must be in the environment before the import.
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[name] = str(threads)
+    env.setdefault("GLOG_v", "3")  # MindSpore: errors only
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    return env
+
+
+def run_case(case, timeout):
+    """Run one case in a fresh interpreter; returns the case merged with its measurements (or its error)."""
+    started = time.perf_counter()
+    load_before = load_average()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.worker", json.dumps(case)], cwd=str(ROOT),
+                              env=worker_env(case["threads"]), capture_output=True, text=True, timeout=timeout)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+        if lines:
+            result = json.loads(lines[-1][len(RESULT_PREFIX):])
+        else:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            result = {"ok": False, "error": f"worker exited {proc.returncode}: {' | '.join(tail)}"[:500]}
+        if not result.get("ok"):
+            result["stderr_tail"] = (proc.stderr or "").strip().splitlines()[-15:]
+    except subprocess.TimeoutExpired:
+        result = {"ok": False, "error": f"timed out after {timeout:.0f} s"}
+    result["wall_s"] = time.perf_counter() - started
+    result["load_before"] = load_before
+    return {**case, **result}
+
+
+def machine_info():
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            models = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+        cpu = models[0] if models else cpu
+    except OSError:
+        pass
+    memory_gb = None
+    try:
+        with open("/proc/meminfo") as handle:
+            memory_gb = round(int(handle.readline().split()[1]) / 1024 / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gb": memory_gb,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _find(results, **match):
+    for row in results:
+        if row.get("ok") and all(row.get(k) == v for k, v in match.items()):
+            return row
+    return None
+
+
+def summarise(results, config):
+    """tav-vs-PyTorch ratios at each frame count, and how each step's time grows with frames."""
+    summary = {"vs_torch": [], "frame_scaling": []}
+    for step in STEPS:
+        for frames in sorted({r["frames"] for r in results if r["step"] == step}):
+            tav = _find(results, framework="tav", step=step, frames=frames, mode="graph", attention="math")
+            torch = _find(results, framework="torch", step=step, frames=frames, attention="sdpa") or \
+                _find(results, framework="torch", step=step, frames=frames)
+            if tav and torch:
+                summary["vs_torch"].append({
+                    "step": step, "frames": frames, "torch_attention": torch["attention"],
+                    "time_ratio": tav["median_s"] / torch["median_s"],
+                    "peak_rss_ratio": tav["peak_rss_mb"] / torch["peak_rss_mb"],
+                })
+        for framework in FRAMEWORKS:
+            rows = [r for r in results if r.get("ok") and r["framework"] == framework and r["step"] == step
+                    and (r["mode"], r["attention"]) in (("graph", "math"), ("eager", "sdpa"))]
+            base = next((r for r in rows if r["frames"] == config.frames), None)
+            if base and len(rows) > 1:
+                summary["frame_scaling"].append({
+                    "framework": framework, "step": step, "base_frames": config.frames,
+                    "time_vs_base": {str(r["frames"]): r["median_s"] / base["median_s"]
+                                     for r in sorted(rows, key=lambda r: r["frames"])},
+                })
+    return summary
+
+
+def _fmt(value, digits=3):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+TABLE_COLUMNS = ("framework", "step", "frames", "mode", "attention", "compile_s", "median_s", "min_s", "cpu/wall",
+                 "peak_rss_mb", "load")
+
+
+def markdown_table(results):
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    for row in results:
+        if not row.get("ok"):
+            cells = [row["framework"], row["step"], str(row["frames"]), row["mode"], row["attention"],
+                     f"FAILED: {row.get('error', '?')}"[:160]] + [""] * (len(TABLE_COLUMNS) - 6)
+        else:
+            cpu_ratio = row["cpu_per_step_s"] / row["median_s"] if row.get("cpu_per_step_s") and row["median_s"] \
+                else None
+            load = row.get("load_before")
+            cells = [row["framework"], row["step"], str(row["frames"]), row["mode"], row["attention"],
+                     _fmt(row["compile_s"]), _fmt(row["median_s"]), _fmt(row["min_s"]), _fmt(cpu_ratio, 2),
+                     _fmt(row["peak_rss_mb"], 4), _fmt(load[0], 2) if load else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_summary(summary):
+    lines = []
+    if summary["vs_torch"]:
+        lines += ["", "tav (graph, math) / PyTorch (eager):", "",
+                  "| step | frames | time ratio | peak RSS ratio |", "|---|---|---|---|"]
+        lines += [f"| {s['step']} | {s['frames']} | {s['time_ratio']:.2f} | {s['peak_rss_ratio']:.2f} |"
+                  for s in summary["vs_torch"]]
+    if summary["frame_scaling"]:
+        lines += ["", "time relative to the config's frame count:", ""]
+        for s in summary["frame_scaling"]:
+            growth = ", ".join(f"F={f}: {r:.2f}x" for f, r in s["time_vs_base"].items())
+            lines.append(f"- {s['framework']} {s['step']} (F={s['base_frames']} = 1): {growth}")
+    return "\n".join(lines)
+
+
+def render(report):
+    config = report["config"]
+    machine = report["machine"]
+    head = (f"config `{config['name']}`: latent {config['latent']}x{config['latent']}, batch {config['batch']}, "
+            f"{config['threads']} threads; {machine['cpu']} ({machine['usable_cpus']} usable CPUs), "
+            f"load average {report['load_average_start']} at start")
+    return "\n".join([head, "", markdown_table(report["results"]), markdown_summary(report["summary"])])
+
+
+def export_weights(args):
+    """tav's random UNet for --config, seeded, all keys (diffusers drops the _temp. ones when loading)."""
+    import mindspore as ms
+
+    from tav import checkpoint
+    from tav.models.unet3d import UNet3DConditionModel
+
+    ms.set_device("CPU")
+    ms.set_seed(0)
+    unet = UNet3DConditionModel(dict(get_config(args.config).unet))
+    checkpoint.save_state_dict(checkpoint.cell_state_dict(unet), args.export_weights)
+    print(f"wrote {args.export_weights}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.export_weights:
+        export_weights(args)
+        return 0
+    config, cases = plan_cases(args)
+    report = {
+        "command": " ".join([Path(sys.executable).name, "bench/run.py"] + list(sys.argv[1:] if argv is None else argv)),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "config": {"name": config.name, "unet": config.unet, "frames": config.frames, "latent": config.latent,
+                   "batch": config.batch, "threads": config.threads},
+        "load_average_start": load_average(),
+        "results": [],
+    }
+    json_path = Path(args.json) if args.json else ROOT / "bench" / "results" / f"{config.name}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    for i, case in enumerate(cases, 1):
+        if not args.quiet:
+            print(f"[{i}/{len(cases)}] {case['id']} ...", end=" ", flush=True, file=sys.stderr)
+        row = run_case(case, args.timeout)
+        report["results"].append(row)
+        if not args.quiet:
+            done = f"{row['median_s']:.3f} s/step" if row.get("ok") else f"FAILED ({row.get('error')})"
+            print(f"{done} ({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+        report["summary"] = summarise(report["results"], config)
+        report["load_average_end"] = load_average()
+        json_path.write_text(json.dumps(report, indent=1))  # after every case: a long run keeps what it measured
+    if not cases:
+        raise SystemExit("bench: the filters leave no case to run")
+    print(render(report))
+    print(f"\nJSON: {json_path}")
+    return 0 if all(row.get("ok") for row in report["results"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
