@@ -346,3 +346,13 @@ def test_unsupported_config_values_name_the_field(field, value):
     cfg[field] = value
     with pytest.raises(ValueError, match=field):
         UNet3DConfig.from_dict(cfg)
+
+
+def test_inflating_in_fp16_casts_the_new_temporal_layers_too(tmp_path, pynative):
+    import_parity_extra()
+    write_diffusers_unet2d(tmp_path / "unet", "sd1")
+    half = UNet3DConditionModel.from_pretrained_2d(str(tmp_path / "unet"), dtype=ms.float16)
+    assert {p.dtype for p in half.get_parameters()} == {ms.float16}
+    sample = ms.Tensor(RNG.standard_normal((1, 4, 2, 8, 8)), ms.float16)
+    context = ms.Tensor(RNG.standard_normal((1, 7, 16)), ms.float16)
+    assert half(sample, 400, context).dtype == ms.float16

@@ -364,7 +364,8 @@ class UNet3DConditionModel(nn.Cell):
     def to_dtype(self, dtype):
         for param in self.get_parameters():
             if param.dtype != dtype:
-                param.set_data(param.astype(dtype))
+                # set_data alone would cast the values back to the parameter's old dtype
+                param.set_dtype(dtype)
         return self
 
     def save_pretrained(self, path, dtype=None):
