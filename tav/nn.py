@@ -75,9 +75,10 @@ class Conv2d(nn.Cell):
         k, s, p = self.kernel_size, self.stride, self.padding
         out_h, out_w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
         # (n, c*k*k, out_h*out_w), channel-major then kernel row/column: the order of weight.reshape(out, -1).
-        columns = ops.unfold(x, k, 1, p, s)
-        y = ops.matmul(self.weight.reshape(self.out_channels, -1), columns)
-        y = y.reshape(n, self.out_channels, out_h, out_w)
+        columns = ops.unfold(x, k, 1, p, s).reshape(n, -1, out_h, out_w)
+        # The product as a 1x1 conv: ops.matmul(weight, columns) would first copy the weight n times through
+        # BroadcastTo (2.5x slower at 256 channels, 8x8), while the 1x1 Conv2D kernel is fast (see above).
+        y = ops.conv2d(columns, self.weight.reshape(self.out_channels, -1, 1, 1), None, 1, "valid")
         if self.bias is not None:
             y = y + self.bias.reshape(1, -1, 1, 1)
         return y
