@@ -1,7 +1,7 @@
 """Convolutional blocks of the inflated UNet on (B, C, F, H, W): ResnetBlock3D, Downsample3D, Upsample3D."""
 from mindspore import nn
 
-from tav.nn import GroupNorm, InflatedConv3d, Linear, silu, upsample_nearest
+from tav.nn import GroupNorm, InflatedConv3d, Linear, add_channel_vectors, silu, upsample_nearest
 
 
 class ResnetBlock3D(nn.Cell):
@@ -33,13 +33,14 @@ class ResnetBlock3D(nn.Cell):
 
     def construct(self, x, temb):
         h = self.conv1(silu(self.norm1(x)))
-        t = self.time_emb_proj(silu(temb))[:, :, None, None, None]
+        t = self.time_emb_proj(silu(temb))
         if self.scale_shift:
+            t = t[:, :, None, None, None]
             scale = t[:, : self.out_channels]
             shift = t[:, self.out_channels:]
             h = self.norm2(h) * (1 + scale) + shift
         else:
-            h = self.norm2(h + t)
+            h = self.norm2(add_channel_vectors(h, t))  # the same time vector on every frame and pixel
         h = self.conv2(silu(h))
         shortcut = self.conv_shortcut(x) if self.use_shortcut else x
         out = shortcut + h
