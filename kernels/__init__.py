@@ -3,11 +3,12 @@
 attention(q, k, v, num_heads, backend="auto", upcast=False, chunk_size=None) -> (B, Nq, H*D)
 q: (B, Nq, H*D), k/v: (B, Nk, H*D); softmax(q k^T / sqrt(D)) v per head, heads split batch-major/head-minor.
 
-Backends: math (matmul + softmax, exact, runs everywhere), chunked (math over query chunks, bounded memory),
+Backends: math (matmul + softmax, exact, runs everywhere), chunked (math in blocks of query rows, bounded memory),
 flash (Ascend ops.flash_attention_score, head dim zero-padded to what it accepts), auto (flash on Ascend when
-its documented limits hold, math elsewhere). resolve_backend tells which one a call will use.
+its documented limits hold; on CPU chunked for large score tensors; math elsewhere). resolve_backend tells which
+one a call will use.
 """
-from .chunked import SCORE_BLOCK_ELEMENTS, chunked_attention, default_chunk_size
+from .chunked import SCORE_BLOCK_ELEMENTS, block_plan, chunked_attention, default_chunk_size
 from .dispatch import ATTENTION_BACKENDS, attention, check_attention_shapes, resolve_backend
 from .flash import flash_attention, flash_unsupported_reason, pad_head_dim, padded_head_dim, unpad_head_dim
 from .math_attention import math_attention
@@ -16,6 +17,7 @@ __all__ = [
     "ATTENTION_BACKENDS",
     "SCORE_BLOCK_ELEMENTS",
     "attention",
+    "block_plan",
     "check_attention_shapes",
     "chunked_attention",
     "default_chunk_size",

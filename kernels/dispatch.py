@@ -11,7 +11,8 @@ from mindspore import ops
 
 from tav import backend as tav_backend
 
-from .chunked import chunked_attention, default_chunk_size
+from . import chunked
+from .chunked import chunked_attention
 from .flash import flash_attention, flash_unsupported_reason
 from .math_attention import math_attention
 
@@ -47,7 +48,10 @@ def check_attention_shapes(q_shape, k_shape, v_shape, num_heads):
 def resolve_backend(requested, dtype, q_shape, k_shape, num_heads, upcast=False):
     """The backend attention() will actually run: "math", "chunked" or "flash".
 
-    auto    -> flash on Ascend when flash_unsupported_reason finds nothing (fp16/bf16 only), else math.
+    auto    -> flash on Ascend when flash_unsupported_reason finds nothing (fp16/bf16 only); on CPU chunked when
+               the (B*H, Nq, Nk) scores exceed chunked.SCORE_BLOCK_ELEMENTS (same numbers as math, the score
+               tensor cut into cache-sized blocks: 2.5 instead of 4.5 GiB peak for a `small` bench sampling
+               step); else math.
     flash   -> flash, with fp32 inputs cast to fp16; where the kernel cannot run (any non-Ascend device,
                upcast=True, shapes out of range) math, with a one-time warning. Warning rather than raising
                lets a config written for Ascend run unchanged on CPU.
@@ -63,6 +67,10 @@ def resolve_backend(requested, dtype, q_shape, k_shape, num_heads, upcast=False)
         return "flash"
     if requested == "flash":
         _warn_once(f"attention backend 'flash' unavailable ({reason}); using 'math'")
+        return "math"
+    scores = q_shape[0] * num_heads * q_shape[1] * k_shape[1]
+    if current_device() == "CPU" and scores > chunked.SCORE_BLOCK_ELEMENTS:
+        return "chunked"
     return "math"
 
 
@@ -73,8 +81,6 @@ def _plan(requested, dtype, q_shape, k_shape, v_shape, num_heads, upcast, chunk_
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"attention chunk_size must be a positive int or None; got {chunk_size!r}")
     chosen = resolve_backend(requested, dtype, q_shape, k_shape, num_heads, upcast)
-    if chosen == "chunked" and chunk_size is None:
-        chunk_size = default_chunk_size(q_shape[0], num_heads, q_shape[1], k_shape[1])
     return chosen, chunk_size
 
 
@@ -82,7 +88,7 @@ def attention(q, k, v, num_heads, backend="auto", upcast=False, chunk_size=None)
     """Multi-head softmax attention. q (B, Nq, H*D), k/v (B, Nk, H*D) -> (B, Nq, H*D) in q's dtype.
 
     backend: one of ATTENTION_BACKENDS (see resolve_backend). upcast: q.k^T and softmax in fp32 (SD 2.1).
-    chunk_size: queries per chunk for backend="chunked" (default: keep the score block under
+    chunk_size: queries per chunk for backend="chunked" (default: chunked.block_plan's blocks of whole rows under
     chunked.SCORE_BLOCK_ELEMENTS); ignored by the other backends.
     """
     chosen, chunk = _plan(backend, q.dtype, q.shape, k.shape, v.shape, num_heads, upcast, chunk_size)
