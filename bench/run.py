@@ -29,11 +29,9 @@ from bench.worker import RESULT_PREFIX  # noqa: E402
 STEPS = ("sample", "train", "attn1")
 FRAMEWORKS = ("tav", "torch")
 TAV_MODES = ("graph", "pynative")
-TAV_ATTENTION = ("math", "chunked")
-# The chunked rows' score-block budget (elements): small enough that `small` really splits its queries
-# (attn1 at 32x32: 128 (b f h) x 2048 keys per query -> 64-query chunks). The library default (2**27) would not
-# chunk at this size, making the row a copy of math.
-BENCH_CHUNK_BUDGET = 2**24
+# chunked first: it is what the default backend ("auto") runs on CPU for large score tensors (and plain math for
+# small ones), so the frame sweep and the PyTorch ratio use it.
+TAV_ATTENTION = ("chunked", "math")
 
 
 def parse_args(argv=None):
@@ -42,7 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", default="sample,train,attn1", help=f"comma list of {', '.join(STEPS)}")
     parser.add_argument("--frameworks", default="tav,torch", help="comma list of tav, torch")
     parser.add_argument("--modes", default="graph,pynative", help="tav execution modes to time")
-    parser.add_argument("--attention", default="math,chunked", help="tav attention backends to time")
+    parser.add_argument("--attention", default="chunked,math",
+                        help="tav attention backends to time (the first one is used for the frame sweep)")
     parser.add_argument("--torch-attention", default="sdpa",
                         help="diffusers attention processors: sdpa (AttnProcessor2_0, default) and/or math")
     parser.add_argument("--frames", default=None,
@@ -53,8 +52,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for both frameworks")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls; the table shows their median")
-    parser.add_argument("--chunk-budget", type=int, default=BENCH_CHUNK_BUDGET,
-                        help="score elements per chunk for the chunked rows (tav.kernels.chunked budget)")
+    parser.add_argument("--chunk-budget", type=int, default=None,
+                        help="score elements per block for the chunked rows (default: tav.kernels.chunked's)")
     parser.add_argument("--weights", default=None,
                         help="safetensors file loaded into both models (tav: all keys; diffusers: minus _temp. keys)")
     parser.add_argument("--export-weights", default=None, metavar="FILE",
@@ -194,22 +193,26 @@ def _find(results, **match):
 
 
 def summarise(results, config):
-    """tav-vs-PyTorch ratios at each frame count, and how each step's time grows with frames."""
+    """tav (graph mode, each attention backend) / PyTorch (each processor) at each frame count, and how each
+    step's time grows with frames (tav graph + the first attention backend timed; PyTorch's first processor)."""
     summary = {"vs_torch": [], "frame_scaling": []}
+    tav_attention = next((r["attention"] for r in results if r["framework"] == "tav"), None)
+    torch_attention = next((r["attention"] for r in results if r["framework"] == "torch"), None)
     for step in STEPS:
         for frames in sorted({r["frames"] for r in results if r["step"] == step}):
-            tav = _find(results, framework="tav", step=step, frames=frames, mode="graph", attention="math")
-            torch = _find(results, framework="torch", step=step, frames=frames, attention="sdpa") or \
-                _find(results, framework="torch", step=step, frames=frames)
-            if tav and torch:
-                summary["vs_torch"].append({
-                    "step": step, "frames": frames, "torch_attention": torch["attention"],
-                    "time_ratio": tav["median_s"] / torch["median_s"],
-                    "peak_rss_ratio": tav["peak_rss_mb"] / torch["peak_rss_mb"],
-                })
-        for framework in FRAMEWORKS:
+            for tav in [r for r in results if r.get("ok") and r["framework"] == "tav" and r["step"] == step
+                        and r["frames"] == frames and r["mode"] == "graph"]:
+                for torch in [r for r in results if r.get("ok") and r["framework"] == "torch"
+                              and r["step"] == step and r["frames"] == frames]:
+                    summary["vs_torch"].append({
+                        "step": step, "frames": frames, "tav_attention": tav["attention"],
+                        "torch_attention": torch["attention"],
+                        "time_ratio": tav["median_s"] / torch["median_s"],
+                        "peak_rss_ratio": tav["peak_rss_mb"] / torch["peak_rss_mb"],
+                    })
+        for framework, mode, attention in (("tav", "graph", tav_attention), ("torch", "eager", torch_attention)):
             rows = [r for r in results if r.get("ok") and r["framework"] == framework and r["step"] == step
-                    and (r["mode"], r["attention"]) in (("graph", "math"), ("eager", "sdpa"))]
+                    and r["mode"] == mode and r["attention"] == attention]
             base = next((r for r in rows if r["frames"] == config.frames), None)
             if base and len(rows) > 1:
                 summary["frame_scaling"].append({
@@ -252,10 +255,11 @@ def markdown_table(results):
 def markdown_summary(summary):
     lines = []
     if summary["vs_torch"]:
-        lines += ["", "tav (graph, math) / PyTorch (eager):", "",
-                  "| step | frames | time ratio | peak RSS ratio |", "|---|---|---|---|"]
-        lines += [f"| {s['step']} | {s['frames']} | {s['time_ratio']:.2f} | {s['peak_rss_ratio']:.2f} |"
-                  for s in summary["vs_torch"]]
+        lines += ["", "tav (graph mode) / PyTorch (eager), below 1 = tav faster or leaner:", "",
+                  "| step | frames | tav attention | torch attention | time ratio | peak RSS ratio |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {s['step']} | {s['frames']} | {s['tav_attention']} | {s['torch_attention']} "
+                  f"| {s['time_ratio']:.2f} | {s['peak_rss_ratio']:.2f} |" for s in summary["vs_torch"]]
     if summary["frame_scaling"]:
         lines += ["", "time relative to the config's frame count:", ""]
         for s in summary["frame_scaling"]:

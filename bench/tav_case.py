@@ -15,8 +15,6 @@ import numpy as np
 from bench.configs import TEXT_TOKENS, trainable_module_suffixes
 from bench.measure import peak_rss_mb, time_step
 
-SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 VAE_SCALING_FACTOR = 0.18215
 
 
@@ -104,14 +102,14 @@ def train_step(case, config):
     info = {"trainable_tensors": len(trainable),
             "trainable_params": int(sum(np.prod(p.shape) for _, p in trainable))}
     try:
-        from tav.schedulers import DDIMScheduler
+        from tav.schedulers import SD_V1_SCHEDULE, DDIMScheduler
         from tav.training import AdamW, build_train_step
     except ImportError as exc:
         info["train_impl"] = f"bench stand-in (tav.training not importable: {exc})"
         return _stand_in_train_step(case, unet, trainable, latent_shape, context), info
 
     optimizer = AdamW(trainable, weight_decay=1e-2)
-    scheduler = DDIMScheduler(**SD_SCHEDULER)
+    scheduler = DDIMScheduler(**SD_V1_SCHEDULE)
     jitted = build_train_step(unet, optimizer, scheduler, VAE_SCALING_FACTOR, None, 1.0, ms.float32)
     step_fn = jitted if case["mode"] == "graph" else getattr(jitted, "__wrapped__", jitted)
     info["train_impl"] = "tav.training.build_train_step" + ("" if case["mode"] == "graph" else " (unjitted)")
