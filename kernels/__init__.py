@@ -8,13 +8,15 @@ flash (Ascend ops.flash_attention_score, head dim zero-padded to what it accepts
 its documented limits hold; on CPU chunked for large score tensors; math elsewhere). resolve_backend tells which
 one a call will use.
 """
-from .chunked import SCORE_BLOCK_ELEMENTS, block_plan, chunked_attention, default_chunk_size
-from .dispatch import ATTENTION_BACKENDS, attention, check_attention_shapes, resolve_backend
+from .chunked import SCORE_BLOCK_ELEMENTS, BlockedAttention, block_plan, chunked_attention, default_chunk_size
+from .dispatch import ATTENTION_BACKENDS, AttentionKernel, attention, check_attention_shapes, resolve_backend
 from .flash import flash_attention, flash_unsupported_reason, pad_head_dim, padded_head_dim, unpad_head_dim
 from .math_attention import math_attention
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "AttentionKernel",
+    "BlockedAttention",
     "SCORE_BLOCK_ELEMENTS",
     "attention",
     "block_plan",

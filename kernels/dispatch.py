@@ -7,12 +7,12 @@ selection, which matters because FlashAttentionScore has no CPU kernel.
 """
 import warnings
 
-from mindspore import ops
+from mindspore import nn, ops
 
 from tav import backend as tav_backend
 
 from . import chunked
-from .chunked import chunked_attention
+from .chunked import BlockedAttention, chunked_attention
 from .flash import flash_attention, flash_unsupported_reason
 from .math_attention import math_attention
 
@@ -97,3 +97,25 @@ def attention(q, k, v, num_heads, backend="auto", upcast=False, chunk_size=None)
     if chosen == "chunked":
         return chunked_attention(q, k, v, num_heads, upcast, chunk)
     return math_attention(q, k, v, num_heads, upcast)
+
+
+class AttentionKernel(nn.Cell):
+    """attention() as a Cell, for models that are trained: when the plan is "chunked" it runs BlockedAttention,
+    whose backward recomputes one block at a time instead of keeping every block's probabilities. Other backends
+    are the plain functions (autodiff). No parameters, so it adds nothing to a state dict.
+
+    `attention_backend` may be changed before compiling (UNet3DConditionModel.set_attention_backend does)."""
+
+    def __init__(self, num_heads, attention_backend="auto", upcast=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.attention_backend = attention_backend
+        self.upcast = upcast
+        self.blocked = BlockedAttention(num_heads, upcast)
+
+    def construct(self, q, k, v):
+        chosen, _ = _plan(self.attention_backend, q.dtype, q.shape, k.shape, v.shape, self.num_heads, self.upcast,
+                          None)
+        if chosen == "chunked":
+            return self.blocked(q, k, v)
+        return attention(q, k, v, self.num_heads, self.attention_backend, self.upcast)

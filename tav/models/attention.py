@@ -6,7 +6,7 @@ batch-major/frame-minor; the temporal attention sees ((b h*w), f, c).
 """
 from mindspore import nn, ops
 
-from tav.kernels import attention
+from tav.kernels import AttentionKernel
 from tav.nn import Conv2d, Dropout, GroupNorm, LayerNorm, Linear, gelu
 
 
@@ -24,14 +24,15 @@ class Attention(nn.Cell):
         self.heads = heads
         self.dim_head = dim_head
         self.upcast_attention = upcast_attention
-        self.attention_backend = attention_backend
+        # The softmax attention itself (no parameters). Its `attention_backend` is what set_attention_backend sets.
+        self.kernel = AttentionKernel(heads, attention_backend, upcast_attention)
         self.to_q = Linear(query_dim, inner_dim, bias=bias)
         self.to_k = Linear(context_dim, inner_dim, bias=bias)
         self.to_v = Linear(context_dim, inner_dim, bias=bias)
         self.to_out = nn.CellList([Linear(inner_dim, query_dim), Dropout(dropout)])
 
     def attend(self, q, k, v):
-        out = attention(q, k, v, self.heads, self.attention_backend, self.upcast_attention)
+        out = self.kernel(q, k, v)
         return self.to_out[1](self.to_out[0](out))
 
     def construct(self, x, context=None):
