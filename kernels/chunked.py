@@ -109,7 +109,7 @@ class BlockedAttention(nn.Cell):
         vh = heads_as_batch(v, heads).astype(compute)
         doh = heads_as_batch(dout, heads).astype(compute)
         # rowsum(dP * P) = rowsum(dO * O): the softmax backward's correction, one number per query.
-        correction = (doh * heads_as_batch(out, heads).astype(compute)).sum(-1, keepdims=True)
+        correction = (doh * heads_as_batch(out, heads).astype(compute)).sum(-1)
         rows, queries = block_plan(b, heads, nq, nk)
         total = b * heads
         dq_rows, dk_rows, dv_rows = [], [], []
@@ -126,8 +126,10 @@ class BlockedAttention(nn.Cell):
                 do_block = doh[r:r_end, s:s_end]
                 probs = ops.softmax(_scores(q_block, k_rows), -1)
                 d_probs = _scores(do_block, v_rows)
-                # Explicit broadcast: a broadcasting Sub would hold its workspace until the graph ends on CPU.
-                d_scores = probs * (d_probs - ops.broadcast_to(correction[r:r_end, s:s_end], d_probs.shape))
+                # dP - correction as a bias_add over (row, query) "channels": a broadcasting Sub would hold its
+                # workspace until the graph ends, and an explicit BroadcastTo copy cost ~1 s per train step.
+                shifted = ops.bias_add(d_probs.reshape(1, -1, nk), -correction[r:r_end, s:s_end].reshape(-1))
+                d_scores = probs * shifted.reshape(d_probs.shape)
                 dv = _transposed_product(probs, do_block)
                 dk = _transposed_product(d_scores, q_block)
                 dq_blocks.append(_product(d_scores, k_rows) * scale)
