@@ -47,11 +47,15 @@ def parse_args(argv=None):
     parser.add_argument("--frames", default=None,
                         help="comma list of frame counts for the sweep (default: the config's sweep, e.g. 4,8,16,24 "
                              "at small; the first headline rows always use the config's frame count)")
+    parser.add_argument("--sweep-steps", default="sample,attn1",
+                        help="steps timed at every --frames count (the others only at the config's frame count)")
+    parser.add_argument("--full", action="store_true",
+                        help="every mode x attention backend and the frame sweep for every step (long)")
     parser.add_argument("--latent", type=int, default=None, help="latent height = width (pixels / 8)")
     parser.add_argument("--batch", type=int, default=None, help="videos per step (sampling doubles it for CFG)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for both frameworks")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls; the table shows their median")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls; the table shows their median")
     parser.add_argument("--chunk-budget", type=int, default=None,
                         help="score elements per block for the chunked rows (default: tav.kernels.chunked's)")
     parser.add_argument("--weights", default=None,
@@ -78,8 +82,10 @@ def _csv(text, allowed=None, what="value"):
 
 
 def plan_cases(args):
-    """The list of cases. Headline rows at the config's frame count: tav graph/pynative x math/chunked and
-    PyTorch; then the frame sweep with tav graph + math and PyTorch."""
+    """The list of cases. Headline rows at the config's frame count: tav in graph mode with every attention
+    backend, in PyNative with the first one (every one with --full; a PyNative step is several times slower and
+    the backend question is answered in graph mode), and PyTorch with every processor. Then the frame sweep,
+    tav graph + first backend and PyTorch's first processor, for the --sweep-steps (every step with --full)."""
     config = get_config(args.config).with_overrides(latent=args.latent, batch=args.batch, threads=args.threads)
     steps = _csv(args.steps, STEPS, "step")
     frameworks = _csv(args.frameworks, FRAMEWORKS, "framework")
@@ -87,6 +93,7 @@ def plan_cases(args):
     attentions = _csv(args.attention, TAV_ATTENTION, "attention backend")
     torch_attentions = _csv(args.torch_attention, ("sdpa", "math"), "torch attention")
     sweep = [int(f) for f in _csv(args.frames)] if args.frames else list(config.frame_sweep)
+    sweep_steps = steps if args.full else _csv(args.sweep_steps, STEPS, "step")
 
     def case(framework, step, frames, mode, attention):
         return {
@@ -99,22 +106,21 @@ def plan_cases(args):
 
     cases = []
     for step in steps:
-        headline = []
         if "tav" in frameworks:
             for mode in modes:
-                for attention in attentions:
-                    if step == "attn1" and mode == "pynative":
-                        continue  # one layer: the graph/pynative question is answered by the full steps
-                    headline.append(case("tav", step, config.frames, mode, attention))
+                if step == "attn1" and mode == "pynative":
+                    continue  # one layer: the graph/pynative question is answered by the full steps
+                for attention in attentions if mode == "graph" or args.full else attentions[:1]:
+                    cases.append(case("tav", step, config.frames, mode, attention))
         if "torch" in frameworks:
-            headline += [case("torch", step, config.frames, "eager", a) for a in torch_attentions]
-        cases += headline
+            cases += [case("torch", step, config.frames, "eager", a) for a in torch_attentions]
+        if step not in sweep_steps:
+            continue
         for frames in sweep:
             if frames == config.frames:
                 continue
-            if "tav" in frameworks:
-                cases.append(case("tav", step, frames, modes[0] if modes else "graph",
-                                  attentions[0] if attentions else "math"))
+            if "tav" in frameworks and attentions:
+                cases.append(case("tav", step, frames, "graph" if "graph" in modes else modes[0], attentions[0]))
             if "torch" in frameworks:
                 cases.append(case("torch", step, frames, "eager", torch_attentions[0]))
     return config, cases
