@@ -66,3 +66,15 @@ def load_average():
         return list(os.getloadavg())
     except OSError:
         return None
+
+
+def measure_case(versions, steps, case, config):
+    """The measurement every framework shares: RSS after import, build the step, RSS after building, then time it.
+    `versions` is the framework's configure() result; `steps` maps step names to builders (case, config) ->
+    (step, info)."""
+    result = {"versions": versions, "peak_rss_import_mb": peak_rss_mb()}
+    step, info = steps[case["step"]](case, config)
+    result.update(info)
+    result["peak_rss_built_mb"] = peak_rss_mb()
+    result.update(time_step(step, case["warmup"], case["repeats"]))
+    return result

@@ -13,7 +13,7 @@ attn1   the sparse-causal self-attention of the config's first block alone (forw
 import numpy as np
 
 from bench.configs import TEXT_TOKENS, trainable_module_suffixes
-from bench.measure import peak_rss_mb, time_step
+from bench.measure import measure_case
 
 VAE_SCALING_FACTOR = 0.18215
 
@@ -184,10 +184,4 @@ STEPS = {"sample": sample_step, "train": train_step, "attn1": attn1_step}
 
 
 def run(case, config):
-    result = {"versions": configure(case)}
-    result["peak_rss_import_mb"] = peak_rss_mb()
-    step, info = STEPS[case["step"]](case, config)
-    result.update(info)
-    result["peak_rss_built_mb"] = peak_rss_mb()
-    result.update(time_step(step, case["warmup"], case["repeats"]))
-    return result
+    return measure_case(configure(case), STEPS, case, config)

@@ -14,7 +14,7 @@ baddbmm + softmax + bmm, the same arithmetic as tav's math backend).
 import numpy as np
 
 from bench.configs import TEXT_TOKENS
-from bench.measure import peak_rss_mb, time_step
+from bench.measure import measure_case
 
 TORCH_TRAINABLE = ("attn1.to_q", "attn2.to_q")
 
@@ -121,13 +121,7 @@ STEPS = {"sample": sample_step, "train": train_step, "attn1": attn1_step}
 
 
 def run(case, config):
-    result = {"versions": configure(case)}
     import diffusers
 
-    result["versions"]["diffusers"] = diffusers.__version__
-    result["peak_rss_import_mb"] = peak_rss_mb()
-    step, info = STEPS[case["step"]](case, config)
-    result.update(info)
-    result["peak_rss_built_mb"] = peak_rss_mb()
-    result.update(time_step(step, case["warmup"], case["repeats"]))
-    return result
+    versions = dict(configure(case), diffusers=diffusers.__version__)
+    return measure_case(versions, STEPS, case, config)
