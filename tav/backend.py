@@ -17,6 +17,10 @@ FLAVOUR_MINT = "mint"
 FLAVOUR_CLASSIC = "classic"
 
 _forced_flavour = None
+_forced_native = None
+
+# TAV_NATIVE_KERNELS=0 switches the compiled CPU kernels (kernels/native.py) off: the portable ops run instead.
+NATIVE_KERNELS_ENV = "TAV_NATIVE_KERNELS"
 
 
 def configure(device_target=None, mode=None, jit_level=None, device_id=None, max_threads=None):
@@ -92,6 +96,44 @@ class force_flavour:
     def __exit__(self, *exc):
         global _forced_flavour
         _forced_flavour = self._previous
+        return False
+
+
+def native_kernels_enabled():
+    """Whether layers may use the compiled CPU kernels: CPU device, not switched off by TAV_NATIVE_KERNELS=0 (or a
+    force_native(False) block). Whether a given kernel also *builds* here is use_native_kernel's question."""
+    if _forced_native is not None:
+        return _forced_native
+    if os.environ.get(NATIVE_KERNELS_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return device_target() == "CPU" and not use_mint_ops()
+
+
+def use_native_kernel(library_name):
+    """True when the layers should run kernels/cpu/<library_name>.cc: native kernels enabled and the library
+    compiles on this machine (the first call builds it; a failure leaves the portable path)."""
+    if not native_kernels_enabled():
+        return False
+    from tav.kernels import native
+
+    return native.available(library_name)
+
+
+class force_native:
+    """Context manager for tests: build layers with (True) or without (False) the native CPU kernels."""
+
+    def __init__(self, enabled):
+        self.enabled = bool(enabled)
+
+    def __enter__(self):
+        global _forced_native
+        self._previous = _forced_native
+        _forced_native = self.enabled
+        return self
+
+    def __exit__(self, *exc):
+        global _forced_native
+        _forced_native = self._previous
         return False
 
 

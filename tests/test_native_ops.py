@@ -1,0 +1,163 @@
+"""The compiled CPU kernels (kernels/cpu/norms.cc) against the portable MindSpore-op layers they replace.
+
+Every layer is built twice, with and without native kernels (tav.backend.force_native), and both must give the
+same outputs and the same gradients (through ms.grad, in GRAPH and PYNATIVE mode). The portable path is in turn
+checked against numpy/PyTorch elsewhere (test_unet3d.py, test_backend.py).
+"""
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import nn
+
+from tav import backend
+from tav import nn as tnn
+from tav.kernels import native
+
+RNG = np.random.default_rng(7)
+
+pytestmark = pytest.mark.skipif(not native.available("norms"),
+                                reason=f"native kernels unavailable: {native.unavailable_reason('norms')}")
+
+
+def build(factory, enabled):
+    with backend.force_native(enabled):
+        layer = factory()
+    assert (getattr(layer, "native", None) is not None) == enabled
+    return layer
+
+
+def randomise(layer, seed):
+    rng = np.random.default_rng(seed)
+    for param in layer.get_parameters():
+        param.set_data(ms.Tensor(rng.standard_normal(param.shape).astype(np.float32)))
+
+
+class WithGrad(nn.Cell):
+    """Output and the gradients of sum(output * cotangent) w.r.t. the input and the layer's parameters."""
+
+    def __init__(self, layer, frames):
+        super().__init__()
+        self.layer = layer
+        self.frames = frames
+        self.params = ms.ParameterTuple(layer.trainable_params())
+        self.grad = ms.ops.GradOperation(get_all=True, get_by_list=True)
+
+    def construct(self, x, cotangent):
+        return self.grad(self.loss, self.params)(x, cotangent)
+
+    def loss(self, x, cotangent):
+        return (self.apply(x) * cotangent).sum()
+
+    def apply(self, x):
+        if self.frames is None:
+            return self.layer(x)
+        return self.layer(x, self.frames)
+
+
+def compare(factory, x, atol, grad_atol, frames=None):
+    """The layer with and without native kernels: outputs and gradients; `frames` is passed on when given."""
+    outputs, grads = [], []
+    for enabled in (True, False):
+        layer = build(factory, enabled)
+        randomise(layer, 3)
+        out = WithGrad(layer, frames).apply(ms.Tensor(x))
+        cotangent = ms.Tensor(np.random.default_rng(5).standard_normal(out.shape).astype(np.float32))
+        outputs.append(out.asnumpy())
+        input_grads, param_grads = WithGrad(layer, frames)(ms.Tensor(x), cotangent)
+        grads.append([g.asnumpy() for g in tuple(input_grads[:1]) + tuple(param_grads)])
+    # Tolerances relative to the largest magnitude: fp32 rounding of sums in another order.
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=atol * max(1.0, np.abs(outputs[1]).max()), rtol=0)
+    assert len(grads[0]) == len(grads[1]) >= 2
+    for native_grad, portable_grad in zip(*grads):
+        scale = max(1.0, np.abs(portable_grad).max())
+        np.testing.assert_allclose(native_grad, portable_grad, atol=grad_atol * scale, rtol=0)
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+@pytest.mark.parametrize("fused_silu", [False, True])
+def test_group_norm_over_folded_frames(ms_mode, frames, fused_silu):
+    b, c, h, w = 2, 8, 5, 6
+    x = (RNG.standard_normal((b * frames, c, h, w)) * 3 + 1).astype(np.float32)
+    compare(lambda: tnn.GroupNorm(4, c, eps=1e-5, fused_silu=fused_silu), x, atol=2e-5, grad_atol=2e-5,
+            frames=frames)
+
+
+def test_group_norm_folded_frames_equals_the_5d_norm(pynative):
+    """frames=F on ((B F), C, H, W) is the official GroupNorm of (B, C, F, H, W) (reference 1.5), both paths."""
+    b, c, f, h, w = 2, 8, 3, 4, 5
+    video = RNG.standard_normal((b, c, f, h, w)).astype(np.float32) * np.arange(1, f + 1)[None, None, :, None, None]
+    folded = video.transpose(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+    for enabled in (True, False):
+        norm = build(lambda: tnn.GroupNorm(4, c, eps=1e-5), enabled)
+        randomise(norm, 1)
+        whole = norm(ms.Tensor(video)).asnumpy()
+        got = norm(ms.Tensor(folded), f).asnumpy().reshape(b, f, c, h, w).transpose(0, 2, 1, 3, 4)
+        np.testing.assert_allclose(got, whole, atol=2e-5)
+        per_frame = norm(ms.Tensor(folded)).asnumpy().reshape(b, f, c, h, w).transpose(0, 2, 1, 3, 4)
+        assert np.abs(per_frame - whole).max() > 1e-2  # frames=1 would be a different (per-frame) norm
+
+
+def test_group_norm_keeps_precision_on_large_offsets(pynative):
+    """Two-pass statistics: a large mean must not swamp the variance (single-pass E[x^2] - E[x]^2 would)."""
+    x = (RNG.standard_normal((2, 4, 16, 16)) + 1000.0).astype(np.float32)
+    norm = build(lambda: tnn.GroupNorm(2, 4, eps=1e-6), True)
+    got = norm(ms.Tensor(x)).asnumpy()
+    grouped = x.astype(np.float64).reshape(2, 2, -1)
+    expected = (grouped - grouped.mean(-1, keepdims=True)) / np.sqrt(grouped.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(got, expected.reshape(x.shape), atol=5e-4)
+
+
+def test_layer_norm(ms_mode):
+    x = (RNG.standard_normal((3, 7, 40)) * 2 - 1).astype(np.float32)
+    compare(lambda: tnn.LayerNorm(40), x, atol=1e-5, grad_atol=1e-5)
+
+
+def test_gated_gelu(ms_mode):
+    x = (RNG.standard_normal((3, 9, 2 * 24)) * 3).astype(np.float32)
+    # No parameters: compare() checks the input gradient and needs one more, so wrap it with a Linear.
+    compare(lambda: _ProjectedGatedGELU(12, 24), x[..., :12].copy(), atol=2e-6, grad_atol=2e-6)
+
+
+class _ProjectedGatedGELU(nn.Cell):
+    def __init__(self, dim_in, inner):
+        super().__init__()
+        self.proj = tnn.Linear(dim_in, 2 * inner)
+        self.gated = tnn.GatedGELU()
+        self.native = self.gated.native
+
+    def construct(self, x):
+        return self.gated(self.proj(x))
+
+
+def test_native_kernels_are_chosen_only_on_cpu_and_when_enabled(monkeypatch):
+    with backend.force_native(False):
+        assert tnn.GroupNorm(2, 4).native is None
+    monkeypatch.setenv(backend.NATIVE_KERNELS_ENV, "0")
+    assert not backend.native_kernels_enabled()
+    monkeypatch.setenv(backend.NATIVE_KERNELS_ENV, "1")
+    assert backend.native_kernels_enabled() == (backend.device_target() == "CPU")
+    with backend.force_flavour(backend.FLAVOUR_MINT):
+        assert not backend.native_kernels_enabled()  # Ascend builds never take the CPU kernels
+
+
+def test_a_failed_build_falls_back_with_the_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_built", {})
+    monkeypatch.setattr(native, "_failures", {})
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert not native.available("norms")
+    assert "no C++ compiler" in native.unavailable_reason("norms")
+    assert not backend.use_native_kernel("norms")
+
+
+def test_the_build_is_cached_by_source_and_compiler(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_built", {})
+    monkeypatch.setattr(native, "_failures", {})
+    monkeypatch.setenv("TAV_KERNEL_CACHE", str(tmp_path))
+    first = native.library("norms")
+    assert first.startswith(str(tmp_path)) and first.endswith(".so")
+    mtime = (tmp_path / first.rsplit("/", 1)[1]).stat().st_mtime_ns
+    native._built.clear()
+    assert native.library("norms") == first  # reused, not rebuilt
+    assert (tmp_path / first.rsplit("/", 1)[1]).stat().st_mtime_ns == mtime
+    assert not list(tmp_path.glob("*.part"))
