@@ -31,7 +31,9 @@ FRAMEWORKS = ("tav", "torch")
 TAV_MODES = ("graph", "pynative")
 # chunked first: it is what the default backend ("auto") runs on CPU for large score tensors (and plain math for
 # small ones), so the frame sweep and the PyTorch ratio use it.
-TAV_ATTENTION = ("chunked", "math")
+# "native" = tav as it runs on CPU by default: the compiled kernels (kernels/cpu: fused attention, conv, norms).
+# "chunked" and "math" run with TAV_NATIVE_KERNELS=0, i.e. MindSpore's own ops everywhere (the portable model).
+TAV_ATTENTION = ("native", "chunked", "math")
 
 
 def parse_args(argv=None):
@@ -40,7 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", default="sample,train,attn1", help=f"comma list of {', '.join(STEPS)}")
     parser.add_argument("--frameworks", default="tav,torch", help="comma list of tav, torch")
     parser.add_argument("--modes", default="graph,pynative", help="tav execution modes to time")
-    parser.add_argument("--attention", default="chunked,math",
+    parser.add_argument("--attention", default="native,chunked",
                         help="tav attention backends to time (the first one is used for the frame sweep)")
     parser.add_argument("--torch-attention", default="sdpa",
                         help="diffusers attention processors: sdpa (AttnProcessor2_0, default) and/or math")
@@ -130,8 +132,12 @@ def plan_cases(args):
 # Running
 
 
-def worker_env(threads):
+def worker_env(threads, attention=None):
     env = dict(os.environ)
+    if attention in ("chunked", "math"):
+        env["TAV_NATIVE_KERNELS"] = "0"  # the portable rows: no compiled kernels anywhere in the model
+    elif attention == "native":
+        env["TAV_NATIVE_KERNELS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     # Read by OpenMP/oneDNN (both frameworks) when they start: must be in the environment before the import.
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -147,7 +153,8 @@ def run_case(case, timeout):
     load_before = load_average()
     try:
         proc = subprocess.run([sys.executable, "-m", "bench.worker", json.dumps(case)], cwd=str(ROOT),
-                              env=worker_env(case["threads"]), capture_output=True, text=True, timeout=timeout)
+                              env=worker_env(case["threads"], case["attention"] if case["framework"] == "tav" else None),
+                              capture_output=True, text=True, timeout=timeout)
         lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
         if lines:
             result = json.loads(lines[-1][len(RESULT_PREFIX):])

@@ -7,6 +7,7 @@ selection, which matters because FlashAttentionScore has no CPU kernel.
 """
 import warnings
 
+import mindspore as ms
 from mindspore import nn, ops
 
 from tav import backend as tav_backend
@@ -15,8 +16,9 @@ from . import chunked
 from .chunked import BlockedAttention, chunked_attention
 from .flash import flash_attention, flash_unsupported_reason
 from .math_attention import math_attention
+from .native_attention import NativeAttentionWithLse, native_attention, native_attention_supported
 
-ATTENTION_BACKENDS = ("auto", "math", "chunked", "flash")
+ATTENTION_BACKENDS = ("auto", "math", "chunked", "flash", "native")
 
 _warned = set()
 
@@ -45,22 +47,40 @@ def check_attention_shapes(q_shape, k_shape, v_shape, num_heads):
         raise ValueError(f"attention: num_heads={num_heads} does not divide the hidden size {q_shape[2]}")
 
 
-def resolve_backend(requested, dtype, q_shape, k_shape, num_heads, upcast=False):
-    """The backend attention() will actually run: "math", "chunked" or "flash".
+def native_unsupported_reason(dtype, q_shape, k_shape, num_heads):
+    """Why the compiled CPU kernel (kernels/cpu/attention.cc) cannot run this attention here, or None."""
+    if not tav_backend.native_kernels_enabled():
+        return f"native kernels are off on {current_device()} (CPU only; {tav_backend.NATIVE_KERNELS_ENV}=0 disables)"
+    return native_attention_supported(dtype, q_shape, k_shape, num_heads)
 
-    auto    -> flash on Ascend when flash_unsupported_reason finds nothing (fp16/bf16 only); on CPU chunked when
-               the (B*H, Nq, Nk) scores exceed chunked.SCORE_BLOCK_ELEMENTS (same numbers as math, the score
-               tensor cut into cache-sized blocks: 2.5 instead of 4.5 GiB peak for a `small` bench sampling
-               step); else math.
+
+def resolve_backend(requested, dtype, q_shape, k_shape, num_heads, upcast=False, native_allowed=True):
+    """The backend attention() will actually run: "math", "chunked", "flash" or "native".
+
+    auto    -> flash on Ascend when flash_unsupported_reason finds nothing (fp16/bf16 only); on CPU the native
+               fused kernel for fp32 when it builds here (same numbers as math, no score tensor, several times
+               faster); else chunked when the (B*H, Nq, Nk) scores exceed chunked.SCORE_BLOCK_ELEMENTS (math in
+               cache-sized blocks); else math.
     flash   -> flash, with fp32 inputs cast to fp16; where the kernel cannot run (any non-Ascend device,
                upcast=True, shapes out of range) math, with a one-time warning. Warning rather than raising
                lets a config written for Ascend run unchanged on CPU.
+    native  -> native; where it cannot run (not CPU, not fp32, no compiler) what auto picks, with a one-time
+               warning. fp32 throughout, so `upcast` changes nothing for it.
     math, chunked -> themselves.
+    native_allowed=False treats native as unavailable (a layer built without it, e.g. under force_native(False)).
     """
     if requested not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {requested!r}")
     if requested in ("math", "chunked"):
         return requested
+    if requested == "native" or (requested == "auto" and current_device() == "CPU"):
+        native_reason = native_unsupported_reason(dtype, q_shape, k_shape, num_heads) if native_allowed else \
+            "this layer was built without native kernels"
+        if native_reason is None:
+            return "native"
+        if requested == "native":
+            _warn_once(f"attention backend 'native' unavailable ({native_reason}); using 'auto'")
+            requested = "auto"
     allow_cast = requested == "flash"
     reason = flash_unsupported_reason(current_device(), dtype, q_shape, k_shape, num_heads, upcast, allow_cast)
     if reason is None:
@@ -75,12 +95,12 @@ def resolve_backend(requested, dtype, q_shape, k_shape, num_heads, upcast=False)
 
 
 @ops.constexpr
-def _plan(requested, dtype, q_shape, k_shape, v_shape, num_heads, upcast, chunk_size):
+def _plan(requested, dtype, q_shape, k_shape, v_shape, num_heads, upcast, chunk_size, native_allowed=True):
     # Runs in Python at graph compile time (and plainly in PyNative): returns (backend, chunk size).
     check_attention_shapes(q_shape, k_shape, v_shape, num_heads)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"attention chunk_size must be a positive int or None; got {chunk_size!r}")
-    chosen = resolve_backend(requested, dtype, q_shape, k_shape, num_heads, upcast)
+    chosen = resolve_backend(requested, dtype, q_shape, k_shape, num_heads, upcast, native_allowed)
     return chosen, chunk_size
 
 
@@ -94,6 +114,8 @@ def attention(q, k, v, num_heads, backend="auto", upcast=False, chunk_size=None)
     chosen, chunk = _plan(backend, q.dtype, q.shape, k.shape, v.shape, num_heads, upcast, chunk_size)
     if chosen == "flash":
         return flash_attention(q, k, v, num_heads)
+    if chosen == "native":
+        return native_attention(q, k, v, num_heads)
     if chosen == "chunked":
         return chunked_attention(q, k, v, num_heads, upcast, chunk)
     return math_attention(q, k, v, num_heads, upcast)
@@ -101,8 +123,9 @@ def attention(q, k, v, num_heads, backend="auto", upcast=False, chunk_size=None)
 
 class AttentionKernel(nn.Cell):
     """attention() as a Cell, for models that are trained: when the plan is "chunked" it runs BlockedAttention,
-    whose backward recomputes one block at a time instead of keeping every block's probabilities. Other backends
-    are the plain functions (autodiff). No parameters, so it adds nothing to a state dict.
+    whose backward recomputes one block at a time instead of keeping every block's probabilities; "native" runs
+    NativeAttentionWithLse, whose backward is the compiled flash-attention backward. Other backends are the plain
+    functions (autodiff). No parameters, so it adds nothing to a state dict.
 
     `attention_backend` may be changed before compiling (UNet3DConditionModel.set_attention_backend does)."""
 
@@ -112,10 +135,20 @@ class AttentionKernel(nn.Cell):
         self.attention_backend = attention_backend
         self.upcast = upcast
         self.blocked = BlockedAttention(num_heads, upcast)
+        # Built only where it may run: creating it compiles the kernel library (kernels/native.py).
+        self.native_built = native_unsupported_reason(
+            ms.float32, (1, 1, num_heads), (1, 1, num_heads), num_heads) is None
+        # The variant that keeps the forward's row log-sum-exp for the backward: 10-25% faster training than
+        # recomputing it, for (B, H, Nq) floats.
+        self.native = NativeAttentionWithLse(num_heads) if self.native_built else None
 
     def construct(self, q, k, v):
         chosen, _ = _plan(self.attention_backend, q.dtype, q.shape, k.shape, v.shape, self.num_heads, self.upcast,
-                          None)
+                          None, self.native_built)
         if chosen == "chunked":
             return self.blocked(q, k, v)
+        if chosen == "native":
+            return self.native(q, k, v)
+        if chosen == "math":
+            return math_attention(q, k, v, self.num_heads, self.upcast)
         return attention(q, k, v, self.num_heads, self.attention_backend, self.upcast)

@@ -16,7 +16,7 @@ Two official keys read slightly differently: `train_batch_size` B draws B noise/
 max_train_steps count updates). With the shipped values (1 and 1) both match the official exactly.
 
 tav's own keys (all optional):
-    attention_backend       auto | math | chunked | flash; wins over enable_xformers_memory_efficient_attention
+    attention_backend       auto | math | chunked | flash | native; wins over enable_xformers_memory_efficient_attention
     device_target, mode, jit_level   MindSpore context (the command line overrides them)
     checkpoints_total_limit keep only the newest k checkpoint-N folders (null: keep all, as the official)
     save_full_pipeline      also write the tuned pipeline folder in diffusers layout at the end (official export)
@@ -31,7 +31,7 @@ from typing import List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-ATTENTION_BACKENDS = ("auto", "math", "chunked", "flash")
+ATTENTION_BACKENDS = ("auto", "math", "chunked", "flash", "native")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 VIDEO_FORMATS = ("gif", "mp4")

@@ -13,6 +13,8 @@ from mindspore import Parameter, mint, nn, ops
 from mindspore.common.initializer import One, Uniform, Zero, initializer
 
 from tav import backend
+from tav.kernels.native_conv import Conv2dFunction, Conv2dNoBiasFunction
+from tav.kernels.native_ops import GEGLUFunction, GroupNormFunction, LayerNormFunction, group_norm_scalars
 
 
 # No broadcasting elementwise ops in the classic (CPU) path: in GRAPH_MODE, MindSpore 2.10's CPU Add/Mul with a
@@ -66,10 +68,19 @@ class Conv2d(nn.Cell):
         # 16 frames of 64 channels at 32x32, 64 -> 64: 1.2-2.0 s vs 0.03 s forward, 5.2 s vs 0.18 s with the
         # backward. 1x1 convs are fast as convs. Same sums in another order: results agree to float rounding.
         self.use_unfold = not self.use_mint and kernel_size > 1 and backend.device_target() == "CPU"
+        # Faster still, where it builds: the compiled kernel (kernels/cpu/conv.cc: per-thread im2col bands and
+        # oneDNN sgemm straight into the output, bias fused; 1.3-1.5x the unfold path forward and backward).
+        self.native = None
+        if not self.use_mint and backend.use_native_kernel("conv"):
+            self.native = Conv2dFunction(stride, padding) if bias else Conv2dNoBiasFunction(stride, padding)
 
     def construct(self, x):
         if self.use_mint:
             return mint.nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        if self.native is not None and x.dtype == ms.float32 and self.weight.dtype == ms.float32:
+            if self.bias is None:
+                return self.native(x, self.weight)
+            return self.native(x, self.weight, self.bias)
         if self.use_unfold:
             return self.unfold_conv(x)
         if self.padding > 0:
@@ -95,27 +106,17 @@ class Conv2d(nn.Cell):
         return y
 
 
-class InflatedConv3d(Conv2d):
-    """Tune-A-Video's pseudo-3D conv: the same 2-D kernel applied to every frame of (B, C, F, H, W).
-
-    Parameters are exactly the 2-D conv's, so SD weights load unchanged.
-    """
-
-    def construct(self, x):
-        b, c, f, h, w = x.shape
-        frames = x.transpose(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-        y = super().construct(frames)
-        return y.reshape(b, f, y.shape[1], y.shape[2], y.shape[3]).transpose(0, 2, 1, 3, 4)
-
-
 class GroupNorm(nn.Cell):
     """GroupNorm over (N, C, *): statistics per sample and group over (C/G) x all trailing axes.
 
-    On a 5-D video tensor (B, C, F, H, W) the statistics therefore span every frame, as PyTorch's GroupNorm
-    does in the official model (reference 1.5). Statistics are computed in fp32 whatever the input dtype.
+    `construct(x, frames=1)`: with frames > 1, x is a video with its frames folded into the batch,
+    ((B F), C, H, W), and each sample's statistics span its F frames -- exactly PyTorch's GroupNorm on the
+    official (B, C, F, H, W) tensor (reference 1.5), while the convolutions around it see plain 2-D batches.
+    `fused_silu=True` applies SiLU to the output (the resnets' norm -> SiLU pairs), in the same pass on CPU.
+    Statistics are computed in fp32 whatever the input dtype.
     """
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=ms.float32):
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=ms.float32, fused_silu=False):
         super().__init__()
         if num_channels % num_groups != 0:
             raise ValueError(f"GroupNorm: {num_channels} channels do not split into {num_groups} groups")
@@ -123,26 +124,55 @@ class GroupNorm(nn.Cell):
         self.num_channels = num_channels
         self.eps = eps
         self.affine = affine
+        self.fused_silu = fused_silu
         if affine:
             self.weight = Parameter(initializer(One(), (num_channels,), dtype))
             self.bias = Parameter(initializer(Zero(), (num_channels,), dtype))
         self.use_mint = backend.use_mint_ops()
+        # The compiled CPU kernel (kernels/cpu/norms.cc): statistics across folded frames without transposing,
+        # SiLU fused; 1.6x faster than MindSpore's GroupNorm + Sigmoid + Mul even before the saved transposes.
+        self.native = None
+        if affine and backend.use_native_kernel(native_ops_library()):
+            self.native = GroupNormFunction(fused_silu)
 
-    def construct(self, x):
+    def construct(self, x, frames=1):
+        if self.native is not None and x.dtype == ms.float32:
+            return self.native(x, self.weight, self.bias, group_norm_scalars(self.eps, frames, self.num_groups))
         shape = x.shape
+        # (N, C, rest, 1), with a video's frames moved next to its other positions when they are folded.
+        grouped = fold_frames_into_positions(x, frames)
         if self.use_mint:
-            # mint's kernel takes (N, C, *); folding trailing axes keeps the same statistics.
-            y = mint.nn.functional.group_norm(
-                x.reshape(shape[0], shape[1], -1, 1), self.num_groups, self.weight, self.bias, self.eps
-            )
-            return y.reshape(shape)
-        # The GroupNorm kernel on (N, C, rest, 1): one op, no broadcast workspace (note at the top), and faster
-        # than mean/var from reductions (10 vs 15 ms on 2 x 64 x 8 x 32 x 32).
-        weight = self.weight.astype(ms.float32) if self.affine else None
-        bias = self.bias.astype(ms.float32) if self.affine else None
-        y = ops.group_norm(x.astype(ms.float32).reshape(shape[0], shape[1], -1, 1), self.num_groups, weight, bias,
-                           self.eps)
-        return y.reshape(shape).astype(x.dtype)
+            y = mint.nn.functional.group_norm(grouped, self.num_groups, self.weight, self.bias, self.eps)
+        else:
+            # The GroupNorm kernel on (N, C, rest, 1): one op, no broadcast workspace (note at the top), and faster
+            # than mean/var from reductions (10 vs 15 ms on 2 x 64 x 8 x 32 x 32).
+            weight = self.weight.astype(ms.float32) if self.affine else None
+            bias = self.bias.astype(ms.float32) if self.affine else None
+            y = ops.group_norm(grouped.astype(ms.float32), self.num_groups, weight, bias, self.eps).astype(x.dtype)
+        y = unfold_frames_from_positions(y, shape, frames)
+        return silu(y) if self.fused_silu else y
+
+
+def native_ops_library():
+    """The kernels/cpu source the native norms and GEGLU come from."""
+    return "norms"
+
+
+def fold_frames_into_positions(x, frames):
+    """((B F), C, *rest) -> (B, C, F * prod(rest), 1): a video's frames as more positions of each channel."""
+    shape = x.shape
+    if frames == 1:
+        return x.reshape(shape[0], shape[1], -1, 1)
+    b = shape[0] // frames
+    return x.reshape(b, frames, shape[1], -1).transpose(0, 2, 1, 3).reshape(b, shape[1], -1, 1)
+
+
+def unfold_frames_from_positions(y, shape, frames):
+    """The inverse of fold_frames_into_positions, back to `shape`."""
+    if frames == 1:
+        return y.reshape(shape)
+    b = shape[0] // frames
+    return y.reshape(b, shape[1], frames, -1).transpose(0, 2, 1, 3).reshape(shape)
 
 
 class LayerNorm(nn.Cell):
@@ -155,12 +185,18 @@ class LayerNorm(nn.Cell):
         self.weight = Parameter(initializer(One(), (normalized_shape,), dtype))
         self.bias = Parameter(initializer(Zero(), (normalized_shape,), dtype))
         self.use_mint = backend.use_mint_ops()
+        self.native = None
         if not self.use_mint:
             self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+            # The compiled CPU kernel: 6x faster than the LayerNorm op on (16 x 1024, 64) rows.
+            if backend.use_native_kernel(native_ops_library()):
+                    self.native = LayerNormFunction()
 
     def construct(self, x):
         if self.use_mint:
             return mint.nn.functional.layer_norm(x, (self.normalized_shape,), self.weight, self.bias, self.eps)
+        if self.native is not None and x.dtype == ms.float32:
+            return self.native(x, self.weight, self.bias, ms.Tensor([self.eps], ms.float32))
         return self.layer_norm(x, self.weight.astype(x.dtype), self.bias.astype(x.dtype))[0]
 
 
@@ -194,6 +230,23 @@ def gelu(x):
     Spelled out because ops.gelu(approximate="none") broadcasts internally and so keeps workspace alive until
     the graph ends on CPU (the note at the top): 1.1 GiB over 8 calls on a 32 MiB tensor, none this way."""
     return x * 0.5 * (1.0 + ops.erf(x * 0.7071067811865476))
+
+
+class GatedGELU(nn.Cell):
+    """(..., 2I) -> hidden * gelu(gate), hidden the first I columns, gate the last I (diffusers' GEGLU after its
+    projection). On CPU one compiled pass (kernels/cpu/norms.cc), 1.8x faster than split + erf + products."""
+
+    def __init__(self):
+        super().__init__()
+        self.native = None
+        if backend.use_native_kernel(native_ops_library()):
+            self.native = GEGLUFunction()
+
+    def construct(self, projected):
+        if self.native is not None and projected.dtype == ms.float32:
+            return self.native(projected)
+        hidden, gate = ops.chunk(projected, 2, -1)
+        return hidden * gelu(gate)
 
 
 def upsample_nearest(x, size):

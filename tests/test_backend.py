@@ -97,14 +97,3 @@ def test_nearest_upsampling_uses_pytorchs_index_rule(ms_mode, src, dst):
     expected = x[:, :, rows][:, :, :, cols]
     got = Upsample(dst)(ms.Tensor(x)).asnumpy()
     np.testing.assert_array_equal(got, expected)
-
-
-def test_inflated_conv_applies_the_same_kernel_to_every_frame(ms_mode):
-    conv = tnn.InflatedConv3d(3, 4, 3, padding=1)
-    video = RNG.standard_normal((2, 3, 5, 6, 6)).astype(np.float32)
-    got = conv(ms.Tensor(video)).asnumpy()
-    plain = tnn.Conv2d(3, 4, 3, padding=1)
-    plain.weight.set_data(conv.weight.value())
-    plain.bias.set_data(conv.bias.value())
-    for f in range(5):
-        np.testing.assert_allclose(got[:, :, f], plain(ms.Tensor(video[:, :, f])).asnumpy(), atol=1e-5)

@@ -14,16 +14,22 @@ ROW_KEYS = {"id", "framework", "step", "config", "frames", "mode", "attention", 
 def test_plan_for_small_has_headline_rows_and_the_frame_sweep():
     _, cases = bench_run.plan_cases(bench_run.parse_args(["--config", "small", "--steps", "sample,train"]))
     ids = [case["id"] for case in cases]
-    assert ids[:4] == ["tav/sample/graph/chunked/f8", "tav/sample/graph/math/f8", "tav/sample/pynative/chunked/f8",
+    assert ids[:4] == ["tav/sample/graph/native/f8", "tav/sample/graph/chunked/f8", "tav/sample/pynative/native/f8",
                        "torch/sample/eager/sdpa/f8"]
     for frames in (4, 16, 24):
-        assert f"tav/sample/graph/chunked/f{frames}" in ids and f"torch/sample/eager/sdpa/f{frames}" in ids
-        assert f"tav/train/graph/chunked/f{frames}" not in ids  # train is swept only with --sweep-steps / --full
-    assert "tav/train/pynative/chunked/f8" in ids and "tav/train/pynative/math/f8" not in ids
+        assert f"tav/sample/graph/native/f{frames}" in ids and f"torch/sample/eager/sdpa/f{frames}" in ids
+        assert f"tav/train/graph/native/f{frames}" not in ids  # train is swept only with --sweep-steps / --full
+    assert "tav/train/pynative/native/f8" in ids and "tav/train/pynative/chunked/f8" not in ids
     assert all(case["threads"] == 2 and case["latent"] == 32 for case in cases)
     assert {case["chunk_budget"] for case in cases} == {None}  # the library's block budget unless --chunk-budget
     _, full = bench_run.plan_cases(bench_run.parse_args(["--config", "small", "--steps", "train", "--full"]))
-    assert {"tav/train/pynative/math/f8", "tav/train/graph/chunked/f24"} <= {case["id"] for case in full}
+    assert {"tav/train/pynative/chunked/f8", "tav/train/graph/native/f24"} <= {case["id"] for case in full}
+
+
+def test_portable_rows_switch_the_native_kernels_off():
+    assert bench_run.worker_env(2, "chunked")["TAV_NATIVE_KERNELS"] == "0"
+    assert bench_run.worker_env(2, "math")["TAV_NATIVE_KERNELS"] == "0"
+    assert bench_run.worker_env(2, "native")["TAV_NATIVE_KERNELS"] == "1"
 
 
 def test_summary_gives_torch_ratios_and_frame_growth():

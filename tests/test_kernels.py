@@ -19,7 +19,7 @@ from tav.kernels import (
     resolve_backend,
     unpad_head_dim,
 )
-from tav.kernels import dispatch
+from tav.kernels import dispatch, native
 
 @pytest.fixture
 def fresh_warnings(monkeypatch):
@@ -91,7 +91,7 @@ def test_math_fp16_inputs_return_fp16(ms_mode):
     np.testing.assert_allclose(out.asnumpy().astype(np.float64), reference_attention(q, k, v, 2), atol=5e-3)
 
 
-def test_auto_on_cpu_runs_math(ms_mode):
+def test_auto_on_cpu_matches_the_reference(ms_mode):
     q, k, v = random_qkv(1, 7, 5, 2, 64)
     out = run(AttentionCell(2, "auto"), q, k, v)
     np.testing.assert_allclose(out.asnumpy(), reference_attention(q, k, v, 2), atol=1e-5, rtol=0)
@@ -165,12 +165,29 @@ def test_chunked_honours_upcast():
 
 
 def test_backends_are_exported():
-    assert ATTENTION_BACKENDS == ("auto", "math", "chunked", "flash")
+    assert ATTENTION_BACKENDS == ("auto", "math", "chunked", "flash", "native")
 
 
-@pytest.mark.parametrize("dtype", [ms.float32, ms.float16])
-def test_auto_resolves_to_math_on_cpu(dtype):
-    assert resolve_backend("auto", dtype, (2, 4096, 320), (2, 77, 320), 8, False) == "math"
+def test_auto_on_cpu_resolves_to_native_for_fp32():
+    expected = "native" if native.available("attention") else "math"
+    assert resolve_backend("auto", ms.float32, (2, 4096, 320), (2, 77, 320), 8, False) == expected
+    assert resolve_backend("auto", ms.float32, (2, 4096, 320), (2, 77, 320), 8, False, native_allowed=False) == "math"
+
+
+def test_auto_on_cpu_without_native_kernels_resolves_to_math(monkeypatch):
+    monkeypatch.setenv(tav.backend.NATIVE_KERNELS_ENV, "0")
+    assert resolve_backend("auto", ms.float32, (2, 4096, 320), (2, 77, 320), 8, False) == "math"
+    assert resolve_backend("auto", ms.float16, (2, 4096, 320), (2, 77, 320), 8, False) == "math"
+
+
+def test_auto_on_cpu_keeps_fp16_off_the_native_kernel():
+    assert resolve_backend("auto", ms.float16, (2, 4096, 320), (2, 77, 320), 8, False) == "math"
+
+
+def test_explicit_native_falls_back_with_a_warning_where_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(dispatch, "_warned", set())
+    with pytest.warns(UserWarning, match="'native' unavailable"):
+        assert resolve_backend("native", ms.float16, (2, 64, 320), (2, 64, 320), 8, False) == "math"
 
 
 @pytest.mark.parametrize("requested", ["math", "chunked"])
@@ -294,7 +311,7 @@ def test_simulated_ascend_temporal_attention_batch_over_2k_falls_back(simulated_
 
 
 def test_unknown_backend_raises_listing_valid_names():
-    with pytest.raises(ValueError, match="auto, math, chunked, flash"):
+    with pytest.raises(ValueError, match="auto, math, chunked, flash, native"):
         resolve_backend("xformers", ms.float32, (1, 4, 16), (1, 4, 16), 1, False)
     q, k, v = (ms.Tensor(x) for x in random_qkv(1, 4, 4, 1, 16))
     with pytest.raises(ValueError, match="'xformers'"):

@@ -7,7 +7,7 @@ batch-major/frame-minor; the temporal attention sees ((b h*w), f, c).
 from mindspore import nn, ops
 
 from tav.kernels import AttentionKernel
-from tav.nn import Conv2d, Dropout, GroupNorm, LayerNorm, Linear, gelu
+from tav.nn import Conv2d, Dropout, GatedGELU, GroupNorm, LayerNorm, Linear, gelu
 
 
 class Attention(nn.Cell):
@@ -74,10 +74,10 @@ class GEGLU(nn.Cell):
     def __init__(self, dim_in, dim_out):
         super().__init__()
         self.proj = Linear(dim_in, dim_out * 2)
+        self.gated_gelu = GatedGELU()
 
     def construct(self, x):
-        hidden, gate = ops.chunk(self.proj(x), 2, -1)
-        return hidden * gelu(gate)
+        return self.gated_gelu(self.proj(x))
 
 
 class GELUProjection(nn.Cell):
@@ -154,7 +154,7 @@ class BasicTransformerBlock(nn.Cell):
 
 
 class Transformer3DModel(nn.Cell):
-    """Per-frame GroupNorm (eps 1e-6), proj_in, one BasicTransformerBlock, proj_out, residual; on (B, C, F, H, W)."""
+    """Per-frame GroupNorm (eps 1e-6), proj_in, one BasicTransformerBlock, proj_out, residual; on ((B F), C, H, W)."""
 
     def __init__(self, num_attention_heads, attention_head_dim, in_channels, cross_attention_dim=None,
                  norm_num_groups=32, use_linear_projection=False, only_cross_attention=False,
@@ -176,24 +176,24 @@ class Transformer3DModel(nn.Cell):
                                   attention_backend=attention_backend)
         ])
 
-    def construct(self, x, encoder_hidden_states):
-        b, c, f, h, w = x.shape
-        frames = x.transpose(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-        # Each video's text repeated for its f frames, consecutively, matching the (b f) order.
-        context = ops.broadcast_to(encoder_hidden_states[:, None], (b, f) + encoder_hidden_states.shape[1:])
-        context = context.reshape((b * f,) + encoder_hidden_states.shape[1:])
-        hidden = self.norm(frames)
+    def construct(self, x, encoder_hidden_states, frames):
+        """x: ((B F), C, H, W), frames folded batch-major; encoder_hidden_states: (B, L, D), one per video."""
+        bf, c, h, w = x.shape
+        b = bf // frames
+        # Each video's text repeated for its frames, consecutively, matching the (b f) order.
+        context = ops.broadcast_to(encoder_hidden_states[:, None], (b, frames) + encoder_hidden_states.shape[1:])
+        context = context.reshape((bf,) + encoder_hidden_states.shape[1:])
+        hidden = self.norm(x)  # per frame: the official norm runs after folding the frames (reference 1.8)
         if self.use_linear_projection:
-            hidden = self.proj_in(hidden.transpose(0, 2, 3, 1).reshape(b * f, h * w, c))
+            hidden = self.proj_in(hidden.transpose(0, 2, 3, 1).reshape(bf, h * w, c))
         else:
             hidden = self.proj_in(hidden)
-            hidden = hidden.transpose(0, 2, 3, 1).reshape(b * f, h * w, hidden.shape[1])
+            hidden = hidden.transpose(0, 2, 3, 1).reshape(bf, h * w, hidden.shape[1])
         for block in self.transformer_blocks:
-            hidden = block(hidden, context, f)
+            hidden = block(hidden, context, frames)
         if self.use_linear_projection:
-            hidden = self.proj_out(hidden).reshape(b * f, h, w, c).transpose(0, 3, 1, 2)
+            hidden = self.proj_out(hidden).reshape(bf, h, w, c).transpose(0, 3, 1, 2)
         else:
-            hidden = hidden.reshape(b * f, h, w, hidden.shape[2]).transpose(0, 3, 1, 2)
+            hidden = hidden.reshape(bf, h, w, hidden.shape[2]).transpose(0, 3, 1, 2)
             hidden = self.proj_out(hidden)
-        out = hidden + frames
-        return out.reshape(b, f, c, h, w).transpose(0, 2, 1, 3, 4)
+        return hidden + x

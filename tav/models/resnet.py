@@ -1,14 +1,28 @@
-"""Convolutional blocks of the inflated UNet on (B, C, F, H, W): ResnetBlock3D, Downsample3D, Upsample3D."""
-from mindspore import nn
+"""Convolutional blocks of the inflated UNet: ResnetBlock3D, Downsample3D, Upsample3D.
 
-from tav.nn import GroupNorm, InflatedConv3d, Linear, add_channel_vectors, silu, upsample_nearest
+They work on videos with the frames folded into the batch, ((B F), C, H, W) batch-major/frame-minor, and are
+told the frame count: the official blocks' convolutions are per-frame 2-D convs on (B, C, F, H, W) ("inflated"),
+which on the folded layout are plain 2-D convs with no transposes; only the GroupNorms must see whole videos
+(frames=F), as the official 5-D GroupNorm does (reference 1.5).
+"""
+from mindspore import nn, ops
+
+from tav.nn import Conv2d, GroupNorm, Linear, add_channel_vectors, silu, upsample_nearest
+
+
+def per_frame(vectors, frames):
+    """(B, C) -> ((B F), C): each video's vector repeated for its frames, in the folded order."""
+    if frames == 1:
+        return vectors
+    b, c = vectors.shape
+    return ops.broadcast_to(vectors.reshape(b, 1, c), (b, frames, c)).reshape(b * frames, c)
 
 
 class ResnetBlock3D(nn.Cell):
     """norm1 -> SiLU -> conv1 (+ time projection) -> norm2 -> SiLU -> conv2, plus a (1x1) shortcut.
 
-    The GroupNorms see the whole 5-D tensor, so their statistics span all frames, as in the official model
-    (reference 1.5); folding frames into the batch here would not be equivalent.
+    The GroupNorms' statistics span all frames of a video, as in the official model (reference 1.5): they are
+    given the frame count (norm -> SiLU is one fused layer).
     """
 
     def __init__(self, in_channels, out_channels=None, temb_channels=512, groups=32, groups_out=None, eps=1e-6,
@@ -22,26 +36,27 @@ class ResnetBlock3D(nn.Cell):
         self.out_channels = out_channels
         self.scale_shift = time_embedding_norm == "scale_shift"
         self.output_scale_factor = output_scale_factor
-        self.norm1 = GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = InflatedConv3d(in_channels, out_channels, 3, padding=1)
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps, fused_silu=True)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = Linear(temb_channels, out_channels * 2 if self.scale_shift else out_channels)
-        self.norm2 = GroupNorm(groups_out, out_channels, eps=eps)
-        self.conv2 = InflatedConv3d(out_channels, out_channels, 3, padding=1)
+        # scale_shift modulates between the norm and the SiLU, so only the default norm2 fuses them.
+        self.norm2 = GroupNorm(groups_out, out_channels, eps=eps, fused_silu=not self.scale_shift)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.use_shortcut = in_channels != out_channels
         if self.use_shortcut:
-            self.conv_shortcut = InflatedConv3d(in_channels, out_channels, 1)
+            self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
 
-    def construct(self, x, temb):
-        h = self.conv1(silu(self.norm1(x)))
-        t = self.time_emb_proj(silu(temb))
+    def construct(self, x, temb, frames):
+        h = self.conv1(self.norm1(x, frames))
+        t = per_frame(self.time_emb_proj(silu(temb)), frames)
         if self.scale_shift:
-            t = t[:, :, None, None, None]
+            t = t[:, :, None, None]
             scale = t[:, : self.out_channels]
             shift = t[:, self.out_channels:]
-            h = self.norm2(h) * (1 + scale) + shift
+            h = silu(self.norm2(h, frames) * (1 + scale) + shift)
         else:
-            h = self.norm2(add_channel_vectors(h, t))  # the same time vector on every frame and pixel
-        h = self.conv2(silu(h))
+            h = self.norm2(add_channel_vectors(h, t), frames)  # the same time vector on every frame and pixel
+        h = self.conv2(h)
         shortcut = self.conv_shortcut(x) if self.use_shortcut else x
         out = shortcut + h
         if self.output_scale_factor != 1.0:
@@ -50,28 +65,24 @@ class ResnetBlock3D(nn.Cell):
 
 
 class Downsample3D(nn.Cell):
-    """3x3 stride-2 conv per frame (registered as `conv`, as the official `name="op"` blocks do)."""
+    """3x3 stride-2 conv per frame (registered as `conv`, as the official `name="op"` blocks do); ((B F), C, H, W)."""
 
     def __init__(self, channels, out_channels=None, padding=1):
         super().__init__()
         if padding == 0:
             raise ValueError("downsample_padding=0 is not supported (the official Downsample3D does not implement it)")
-        self.conv = InflatedConv3d(channels, out_channels or channels, 3, stride=2, padding=padding)
+        self.conv = Conv2d(channels, out_channels or channels, 3, stride=2, padding=padding)
 
     def construct(self, x):
         return self.conv(x)
 
 
 class Upsample3D(nn.Cell):
-    """Nearest resize of H and W (frames untouched) to `output_size`, then a 3x3 conv per frame."""
+    """Nearest resize of each frame's H and W to `output_size`, then a 3x3 conv per frame; ((B F), C, H, W)."""
 
     def __init__(self, channels, out_channels=None):
         super().__init__()
-        self.conv = InflatedConv3d(channels, out_channels or channels, 3, padding=1)
+        self.conv = Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def construct(self, x, output_size):
-        b, c, f, h, w = x.shape
-        frames = x.transpose(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-        frames = upsample_nearest(frames, output_size)
-        up = frames.reshape(b, f, c, output_size[0], output_size[1]).transpose(0, 2, 1, 3, 4)
-        return self.conv(up)
+        return self.conv(upsample_nearest(x, output_size))

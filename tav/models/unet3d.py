@@ -20,7 +20,7 @@ from tav import checkpoint
 from tav.kernels import ATTENTION_BACKENDS
 from tav.models.embeddings import TimestepEmbedding, Timesteps
 from tav.models.unet_blocks import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS
-from tav.nn import GroupNorm, InflatedConv3d, silu
+from tav.nn import Conv2d, GroupNorm
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
 CONFIG_NAME = "config.json"
@@ -216,7 +216,7 @@ class UNet3DConditionModel(nn.Cell):
                                  upcast_attention=config.upcast_attention, attention_backend=attention_backend)
 
         self.center_input_sample = config.center_input_sample
-        self.conv_in = InflatedConv3d(config.in_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.time_proj = Timesteps(channels[0], config.flip_sin_to_cos, config.freq_shift)
         self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim)
 
@@ -257,8 +257,8 @@ class UNet3DConditionModel(nn.Cell):
         self.up_blocks = nn.CellList(up_blocks)
         self.up_block_sizes = [config.layers_per_block + 1] * len(up_blocks)
 
-        self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
-        self.conv_out = InflatedConv3d(channels[0], config.out_channels, 3, padding=1)
+        self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps, fused_silu=True)
+        self.conv_out = Conv2d(channels[0], config.out_channels, 3, padding=1)
 
     # --- calling -----------------------------------------------------------------------------------------------
     def __call__(self, sample, timestep, encoder_hidden_states):
@@ -276,23 +276,27 @@ class UNet3DConditionModel(nn.Cell):
             timesteps = ops.broadcast_to(timesteps, (batch,))
         emb = self.time_embedding(self.time_proj(timesteps).astype(self.conv_in.weight.dtype))
 
-        x = self.conv_in(sample)
+        # Frames folded into the batch for the whole network, ((B F), C, H, W): the per-frame ("inflated") convs
+        # are then plain 2-D convs; the blocks are told `frames` where frames interact (GroupNorm, attention).
+        b, c, frames, h, w = sample.shape
+        x = self.conv_in(sample.transpose(0, 2, 1, 3, 4).reshape(b * frames, c, h, w))
         skips = (x,)
         for i in range(len(self.down_blocks)):
-            x, block_skips = self.down_blocks[i](x, emb, encoder_hidden_states)
+            x, block_skips = self.down_blocks[i](x, emb, encoder_hidden_states, frames)
             skips += block_skips
 
-        x = self.mid_block(x, emb, encoder_hidden_states)
+        x = self.mid_block(x, emb, encoder_hidden_states, frames)
 
         for i in range(len(self.up_blocks)):
             n = self.up_block_sizes[i]
             block_skips = skips[len(skips) - n:]
             skips = skips[: len(skips) - n]
             # Upsample to the next skip's size, so H and W need only be multiples of 8 (reference 1.3).
-            upsample_size = skips[-1].shape[3:] if i < len(self.up_blocks) - 1 else None
-            x = self.up_blocks[i](x, block_skips, emb, encoder_hidden_states, upsample_size)
+            upsample_size = skips[-1].shape[2:] if i < len(self.up_blocks) - 1 else None
+            x = self.up_blocks[i](x, block_skips, emb, encoder_hidden_states, frames, upsample_size)
 
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        out = self.conv_out(self.conv_norm_out(x, frames))
+        return out.reshape(b, frames, out.shape[1], h, w).transpose(0, 2, 1, 3, 4)
 
     # --- options -----------------------------------------------------------------------------------------------
     def set_attention_backend(self, backend):

@@ -1,4 +1,7 @@
-"""Down, mid and up stages of the inflated UNet (official block type names, diffusers' channel bookkeeping)."""
+"""Down, mid and up stages of the inflated UNet (official block type names, diffusers' channel bookkeeping).
+
+Every stage works on videos with frames folded into the batch, ((B F), C, H, W), and passes `frames` on to the
+resnets (whose GroupNorms span a video's frames) and transformers (whose attn1/attn_temp couple frames)."""
 from mindspore import nn, ops
 
 from tav.models.attention import Transformer3DModel
@@ -31,10 +34,10 @@ class DownBlock3D(nn.Cell):
         if add_downsample:
             self.downsamplers = nn.CellList([Downsample3D(out_channels, out_channels, downsample_padding)])
 
-    def construct(self, x, temb, encoder_hidden_states):
+    def construct(self, x, temb, encoder_hidden_states, frames):
         skips = ()
         for resnet in self.resnets:
-            x = resnet(x, temb)
+            x = resnet(x, temb, frames)
             skips += (x,)
         if self.add_downsample:
             x = self.downsamplers[0](x)
@@ -53,10 +56,10 @@ class CrossAttnDownBlock3D(DownBlock3D):
         self.attentions = transformer_stack(num_layers, out_channels, num_attention_heads, cross_attention_dim,
                                             resnet_groups, attention_options)
 
-    def construct(self, x, temb, encoder_hidden_states):
+    def construct(self, x, temb, encoder_hidden_states, frames):
         skips = ()
         for i in range(len(self.resnets)):
-            x = self.attentions[i](self.resnets[i](x, temb), encoder_hidden_states)
+            x = self.attentions[i](self.resnets[i](x, temb, frames), encoder_hidden_states, frames)
             skips += (x,)
         if self.add_downsample:
             x = self.downsamplers[0](x)
@@ -81,10 +84,10 @@ class UNetMidBlock3DCrossAttn(nn.Cell):
                                cross_attention_dim, norm_num_groups=resnet_groups, **attention_options)
         ])
 
-    def construct(self, x, temb, encoder_hidden_states):
-        x = self.resnets[0](x, temb)
-        x = self.attentions[0](x, encoder_hidden_states)
-        return self.resnets[1](x, temb)
+    def construct(self, x, temb, encoder_hidden_states, frames):
+        x = self.resnets[0](x, temb, frames)
+        x = self.attentions[0](x, encoder_hidden_states, frames)
+        return self.resnets[1](x, temb, frames)
 
 
 class UpBlock3D(nn.Cell):
@@ -110,10 +113,10 @@ class UpBlock3D(nn.Cell):
             x = self.upsamplers[0](x, upsample_size)
         return x
 
-    def construct(self, x, skips, temb, encoder_hidden_states, upsample_size):
+    def construct(self, x, skips, temb, encoder_hidden_states, frames, upsample_size):
         n = len(skips)
         for i in range(len(self.resnets)):
-            x = self.resnets[i](ops.cat([x, skips[n - 1 - i]], 1), temb)
+            x = self.resnets[i](ops.cat([x, skips[n - 1 - i]], 1), temb, frames)
         return self.upsample(x, upsample_size)
 
 
@@ -128,11 +131,11 @@ class CrossAttnUpBlock3D(UpBlock3D):
         self.attentions = transformer_stack(num_layers, out_channels, num_attention_heads, cross_attention_dim,
                                             resnet_groups, attention_options)
 
-    def construct(self, x, skips, temb, encoder_hidden_states, upsample_size):
+    def construct(self, x, skips, temb, encoder_hidden_states, frames, upsample_size):
         n = len(skips)
         for i in range(len(self.resnets)):
-            x = self.resnets[i](ops.cat([x, skips[n - 1 - i]], 1), temb)
-            x = self.attentions[i](x, encoder_hidden_states)
+            x = self.resnets[i](ops.cat([x, skips[n - 1 - i]], 1), temb, frames)
+            x = self.attentions[i](x, encoder_hidden_states, frames)
         return self.upsample(x, upsample_size)
 
 
