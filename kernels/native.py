@@ -39,14 +39,17 @@ def _mindspore_lib_dir():
     return os.path.join(os.path.dirname(os.path.abspath(mindspore.__file__)), "lib")
 
 
+SGEMM_LIBRARIES = ("conv", "linear")
+
+
 def link_flags(name):
-    """Extra link flags of kernels/cpu/<name>.cc. `conv` calls oneDNN's single-threaded dnnl_sgemm from the
+    """Extra link flags of kernels/cpu/<name>.cc. `conv` and `linear` call oneDNN's single-threaded dnnl_sgemm from the
     libdnnl.so.3 that MindSpore's CPU build ships (and has loaded already), so the GEMMs are MKL-class without
     a new dependency; the rpath points the library at that copy."""
-    if name == "conv":
+    if name in SGEMM_LIBRARIES:
         lib_dir = _mindspore_lib_dir()
         if not os.path.isfile(os.path.join(lib_dir, "libdnnl.so.3")):
-            raise NativeKernelError(f"kernels/cpu/conv.cc needs MindSpore's libdnnl.so.3, not found in {lib_dir}")
+            raise NativeKernelError(f"kernels/cpu/{name}.cc needs MindSpore's libdnnl.so.3, not found in {lib_dir}")
         return ("-L" + lib_dir, "-l:libdnnl.so.3", "-Wl,-rpath," + lib_dir)
     return ()
 

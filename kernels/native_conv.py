@@ -98,6 +98,7 @@ class Conv2dFunction(nn.Cell):
         super().__init__()
         self.stride = int(stride)
         self.padding = int(padding)
+        self.weight_grad = True  # False (set before compiling): the backward skips dweight and returns zeros
         self.forward_op = _custom("conv2d_fwd", _forward_shape(self.stride, self.padding), _first_dtype,
                                   f"s{self.stride}p{self.padding}")
         self.backward_op = _custom("conv2d_bwd", _backward_shapes, _backward_dtypes)
@@ -107,7 +108,7 @@ class Conv2dFunction(nn.Cell):
         return self.forward_op(x, weight, bias, scalars)
 
     def bprop(self, x, weight, bias, out, dout):
-        scalars = ms.Tensor([self.stride, self.padding], ms.float32)
+        scalars = ms.Tensor([self.stride, self.padding, 1.0 if self.weight_grad else 0.0], ms.float32)
         dx, dweight, dbias = self.backward_op(x, weight, scalars, dout)
         return dx, dweight, dbias
 
@@ -119,6 +120,7 @@ class Conv2dNoBiasFunction(nn.Cell):
         super().__init__()
         self.stride = int(stride)
         self.padding = int(padding)
+        self.weight_grad = True
         self.forward_op = _custom("conv2d_fwd_nobias", _forward_shape(self.stride, self.padding), _first_dtype,
                                   f"s{self.stride}p{self.padding}")
         self.backward_op = _custom("conv2d_bwd_nobias", _backward_shapes_nobias, _backward_dtypes_nobias)
@@ -128,6 +130,6 @@ class Conv2dNoBiasFunction(nn.Cell):
         return self.forward_op(x, weight, scalars)
 
     def bprop(self, x, weight, out, dout):
-        scalars = ms.Tensor([self.stride, self.padding], ms.float32)
+        scalars = ms.Tensor([self.stride, self.padding, 1.0 if self.weight_grad else 0.0], ms.float32)
         dx, dweight = self.backward_op(x, weight, scalars, dout)
         return dx, dweight

@@ -31,6 +31,7 @@ from mindspore import nn, ops
 
 from tav import backend, checkpoint
 from tav.config import ConfigError, check_input_paths
+from tav.nn import match_weight_gradients
 
 logger = logging.getLogger("tav.train")
 
@@ -74,6 +75,7 @@ def select_trainable(unet, trainable_modules):
     if not selected:
         raise ConfigError(f"trainable_modules {list(trainable_modules)} match no UNet module; expected suffixes of "
                           f"module names such as attn1.to_q, attn2.to_q, attn_temp")
+    match_weight_gradients(unet)  # frozen layers' native backward kernels skip their weight gradients
     return selected
 
 

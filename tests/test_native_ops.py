@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(not native.available("norms"),
 
 
 def build(factory, enabled):
+    """The layer built with (True) or without (False) native kernels; asserts the choice took effect."""
     with backend.force_native(enabled):
         layer = factory()
     assert (getattr(layer, "native", None) is not None) == enabled
@@ -48,6 +49,9 @@ class WithGrad(nn.Cell):
 
     def loss(self, x, cotangent):
         return (self.apply(x) * cotangent).sum()
+
+    def loss_of(self, x, cotangent):
+        return self.loss(x, cotangent)
 
     def apply(self, x):
         if self.frames is None:
@@ -117,6 +121,38 @@ def test_gated_gelu(ms_mode):
     x = (RNG.standard_normal((3, 9, 2 * 24)) * 3).astype(np.float32)
     # No parameters: compare() checks the input gradient and needs one more, so wrap it with a Linear.
     compare(lambda: _ProjectedGatedGELU(12, 24), x[..., :12].copy(), atol=2e-6, grad_atol=2e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear(ms_mode, bias):
+    x = RNG.standard_normal((3, 37, 24)).astype(np.float32)  # 111 rows: uneven blocks across threads
+    compare(lambda: tnn.Linear(24, 40, bias=bias), x, atol=1e-5, grad_atol=1e-5)
+
+
+@pytest.mark.parametrize("factory", [lambda: tnn.Linear(12, 20), lambda: tnn.Linear(12, 20, bias=False),
+                                     lambda: tnn.Conv2d(3, 5, 3, padding=1), lambda: tnn.Conv2d(3, 5, 1)],
+                         ids=["linear", "linear-nobias", "conv3x3", "conv1x1"])
+def test_frozen_weights_get_no_gradient_and_the_input_gradient_is_unchanged(ms_mode, factory):
+    """match_weight_gradients: a frozen layer's native backward skips dW (zeros, as nobody reads it) and still
+    gives the exact input gradient, which is what flows on to the trainable layers."""
+    shape = (4, 9, 12) if isinstance(factory(), tnn.Linear) else (4, 3, 6, 7)
+    x = RNG.standard_normal(shape).astype(np.float32)
+    results = []
+    for frozen in (False, True):
+        layer = build(factory, True)
+        randomise(layer, 2)
+        layer.weight.requires_grad = not frozen
+        tnn.match_weight_gradients(layer)
+        assert layer.native.weight_grad is (not frozen)
+        out = layer(ms.Tensor(x))
+        cotangent = ms.Tensor(np.random.default_rng(6).standard_normal(out.shape).astype(np.float32))
+        grad = ms.ops.GradOperation(get_all=True, get_by_list=True)
+        params = ms.ParameterTuple([layer.weight])
+        (dx, _), (dweight,) = grad(WithGrad(layer, None).loss_of, params)(ms.Tensor(x), cotangent)
+        results.append((dx.asnumpy(), dweight.asnumpy()))
+    np.testing.assert_allclose(results[1][0], results[0][0], atol=1e-6)
+    assert np.abs(results[0][1]).max() > 1e-3
+    assert not results[1][1].any()
 
 
 class _ProjectedGatedGELU(nn.Cell):

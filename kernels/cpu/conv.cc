@@ -254,6 +254,8 @@ int conv_backward(int nparam, void **params, int *ndims, int64_t **shapes, const
   float *db = has_bias ? static_cast<float *>(params[6]) : nullptr;
   Geometry g;
   if (!read_geometry(ndims, shapes, 0, 1, scalars, &g)) return 2;
+  // scalars[2] = 0: the weight is frozen (every conv when tuning): skip the dW products, return zeros.
+  const bool need_dweight = shapes[2][0] < 3 || scalars[2] != 0.0f;
   const int64_t *dys = shapes[3];
   if (ndims[3] != 4 || dys[0] != g.n || dys[1] != g.o || dys[2] != g.ho || dys[3] != g.wo) return 2;
 
@@ -293,14 +295,16 @@ int conv_backward(int nparam, void **params, int *ndims, int64_t **shapes, const
     // private dw copies are cheap exactly when C is small.
     split = (g.c >= 16 * threads || g.n < threads) ? 2 : 1;
   }
+  if (!need_dweight) split = g.n >= threads ? 1 : 2;  // no dw: images split freely, no partial copies
   if (split == 1) {
     groups = static_cast<int>(std::min<int64_t>(threads, g.n));
     const int64_t affordable = g_partial_bytes / std::max<int64_t>(1, 4 * weight_size) + 1;
-    groups = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(groups, affordable)));
+    if (need_dweight) groups = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(groups, affordable)));
   }
   const int slices_wanted = std::max(1, threads / groups);
   const int slices = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(slices_wanted, g.c)));
-  std::vector<float> partial(static_cast<size_t>(groups - 1) * weight_size);
+  std::vector<float> partial(need_dweight ? static_cast<size_t>(groups - 1) * weight_size : 0);
+  if (!need_dweight) std::memset(dw, 0, sizeof(float) * weight_size);
 
   const int64_t rows = band_rows(g, pointwise ? 0 : (g.c + slices - 1) / slices * kk);
   const int64_t bands = (g.ho + rows - 1) / rows;
@@ -321,7 +325,7 @@ int conv_backward(int nparam, void **params, int *ndims, int64_t **shapes, const
       const int64_t n0 = g.n * group / groups, n1 = g.n * (group + 1) / groups;
       const int64_t c0 = g.c * slice / slices, c1 = g.c * (slice + 1) / slices;
       const int64_t csize = c1 - c0;
-      float *dw_group = group == 0 ? dw : partial.data() + (group - 1) * weight_size;
+      float *dw_group = (group == 0 || !need_dweight) ? dw : partial.data() + (group - 1) * weight_size;
       if (!pointwise) buffer.resize(static_cast<size_t>(csize * kk * rows * g.wo));
       bool first = true;
       for (int64_t n = n0; n < n1; ++n) {
@@ -336,21 +340,24 @@ int conv_backward(int nparam, void **params, int *ndims, int64_t **shapes, const
           const float beta = first ? 0.0f : 1.0f;
           first = false;
           if (pointwise) {
-            local |= gemm('N', 'T', g.o, csize, cols, dy_band, out_plane, xn + c0 * in_plane + oy0 * g.wo,
-                          in_plane, beta, dw_group + c0, g.c);
+            if (need_dweight)
+              local |= gemm('N', 'T', g.o, csize, cols, dy_band, out_plane, xn + c0 * in_plane + oy0 * g.wo,
+                            in_plane, beta, dw_group + c0, g.c);
             local |= gemm('T', 'N', csize, cols, g.o, w + c0, g.c, dy_band, out_plane, 0.0f,
                           dxn + c0 * in_plane + oy0 * g.wo, in_plane);
           } else {
             float *buf = buffer.data();
-            im2col(xn, g, c0, c1, oy0, oy1, buf);
-            local |= gemm('N', 'T', g.o, csize * kk, cols, dy_band, out_plane, buf, cols, beta,
-                          dw_group + c0 * kk, ckk);
+            if (need_dweight) {
+              im2col(xn, g, c0, c1, oy0, oy1, buf);
+              local |= gemm('N', 'T', g.o, csize * kk, cols, dy_band, out_plane, buf, cols, beta,
+                            dw_group + c0 * kk, ckk);
+            }
             local |= gemm('T', 'N', csize * kk, cols, g.o, w + c0 * kk, ckk, dy_band, out_plane, 0.0f, buf, cols);
             col2im(buf, g, c0, c1, oy0, oy1, dxn);
           }
         }
       }
-      if (first) {  // no image in this group: its part of dw is zero
+      if (first && need_dweight) {  // no image in this group: its part of dw is zero
         for (int64_t o = 0; o < g.o; ++o)
           std::memset(dw_group + o * ckk + c0 * kk, 0, sizeof(float) * csize * kk);
       }
@@ -360,7 +367,7 @@ int conv_backward(int nparam, void **params, int *ndims, int64_t **shapes, const
       status = 3;
     }
   }
-  if (groups > 1) {
+  if (groups > 1 && need_dweight) {
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < weight_size; ++i) {
       float total = dw[i];
