@@ -75,6 +75,67 @@ def _half_last(shape):
     return tuple(shape[:-1]) + (shape[-1] // 2,)
 
 
+def _swapped_shape(x):
+    return [x[0], x[2], x[1], x[3]]
+
+
+class SwapMiddleAxesFunction(nn.Cell):
+    """(A, B, C, D) -> (A, C, B, D) for fp32; the backward is the same swap the other way. MindSpore 2.10's CPU
+    Transpose kernel holds twice its output as workspace for as long as the graph lives (a 64 MiB transpose kept
+    128 MiB), ~150 MiB of a small-bench sampling step; this op holds nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.op = _custom("swap_middle_axes", _swapped_shape, _same)
+
+    def construct(self, x):
+        return self.op(x)
+
+    def bprop(self, x, out, dout):
+        return (self.op(dout),)
+
+
+def _doubled_tokens(x, scalars):
+    return [x[0], 2 * x[1], x[2]]
+
+
+def _halved_tokens(dy, scalars):
+    return [dy[0], dy[1] // 2, dy[2]]
+
+
+class SparseCausalContextFunction(nn.Cell):
+    """((B F), D, C) -> ((B F), 2D, C): for frame i the tokens of frame 0 then of frame max(i-1, 0), in one copy
+    (MindSpore ops need two slices, a broadcast and two concatenations, whose workspaces stay alive; more so in
+    their backward). construct(x, scalars) with scalars = fp32 [frames]."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward_op = _custom("sparse_causal_fwd", _doubled_tokens, _same)
+        self.backward_op = _custom("sparse_causal_bwd", _halved_tokens, _same)
+
+    def construct(self, x, scalars):
+        return self.forward_op(x, scalars)
+
+    def bprop(self, x, scalars, out, dout):
+        return self.backward_op(dout, scalars), ops.zeros_like(scalars)
+
+
+def _adamw_shapes(param, grad, exp_avg, exp_avg_sq, scalars):
+    return param, param, param
+
+
+def _adamw_dtypes(param, grad, exp_avg, exp_avg_sq, scalars):
+    return param, param, param
+
+
+def adamw_update_op():
+    """The fused AdamW update of one fp32 tensor (kernels/cpu/optim.cc): (param, grad, exp_avg, exp_avg_sq,
+    scalars [step_size, decay, bias_correction2_sqrt, 1-beta1, beta2, 1-beta2, eps]) -> (param', exp_avg',
+    exp_avg_sq'). One op where the op-by-op form took ~15, each of which MindSpore's CPU graph holds memory for."""
+    return ops.Custom(native.function("optim", "adamw_update"), out_shape=_adamw_shapes, out_dtype=_adamw_dtypes,
+                      func_type="aot")
+
+
 class GEGLUFunction(nn.Cell):
     """diffusers' GEGLU after its projection: (..., 2I) -> hidden * gelu(gate), exact GELU, fp32."""
 

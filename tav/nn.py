@@ -15,7 +15,8 @@ from mindspore.common.initializer import One, Uniform, Zero, initializer
 from tav import backend
 from tav.kernels.native_conv import Conv2dFunction, Conv2dNoBiasFunction
 from tav.kernels.native_linear import LinearFunction, LinearNoBiasFunction
-from tav.kernels.native_ops import GEGLUFunction, GroupNormFunction, LayerNormFunction, group_norm_scalars
+from tav.kernels.native_ops import (GEGLUFunction, GroupNormFunction, LayerNormFunction, SwapMiddleAxesFunction,
+                                    group_norm_scalars)
 
 
 # No broadcasting elementwise ops in the classic (CPU) path: in GRAPH_MODE, MindSpore 2.10's CPU Add/Mul with a
@@ -266,6 +267,22 @@ class GatedGELU(nn.Cell):
             return self.native(projected)
         hidden, gate = ops.chunk(projected, 2, -1)
         return hidden * gelu(gate)
+
+
+class SwapMiddleAxes(nn.Cell):
+    """(A, B, C, D) -> (A, C, B, D): the UNet's layout changes (channels <-> tokens, frames <-> positions).
+
+    On CPU a compiled copy: MindSpore 2.10's CPU Transpose holds twice its output as workspace for the life of
+    the graph (a 64 MiB transpose kept 128 MiB), which was most of tav's memory above PyTorch's."""
+
+    def __init__(self):
+        super().__init__()
+        self.native = SwapMiddleAxesFunction() if backend.use_native_kernel(native_ops_library()) else None
+
+    def construct(self, x):
+        if self.native is not None and x.dtype == ms.float32:
+            return self.native(x)
+        return x.transpose(0, 2, 1, 3)
 
 
 def upsample_nearest(x, size):

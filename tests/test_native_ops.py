@@ -197,3 +197,49 @@ def test_the_build_is_cached_by_source_and_compiler(monkeypatch, tmp_path):
     assert native.library("norms") == first  # reused, not rebuilt
     assert (tmp_path / first.rsplit("/", 1)[1]).stat().st_mtime_ns == mtime
     assert not list(tmp_path.glob("*.part"))
+
+
+def test_swap_middle_axes_and_its_gradient(ms_mode):
+    x = RNG.standard_normal((2, 19, 35, 3)).astype(np.float32)  # not multiples of the 16 x 16 tiles
+    cotangent = RNG.standard_normal((2, 35, 19, 3)).astype(np.float32)
+    for enabled in (True, False):
+        swap = build(tnn.SwapMiddleAxes, enabled)
+        np.testing.assert_array_equal(swap(ms.Tensor(x)).asnumpy(), x.transpose(0, 2, 1, 3))
+        grad = ms.grad(_WeightedSum(swap))(ms.Tensor(x), ms.Tensor(cotangent))
+        np.testing.assert_array_equal(grad.asnumpy(), cotangent.transpose(0, 2, 1, 3))
+
+
+class _WeightedSum(nn.Cell):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def construct(self, x, weights):
+        return (self.layer(x) * weights).sum()
+
+
+class _ContextSum(nn.Cell):
+    def __init__(self, layer, frames):
+        super().__init__()
+        self.layer = layer
+        self.frames = frames
+
+    def construct(self, x, weights):
+        return (self.layer(x, self.frames) * weights).sum()
+
+
+@pytest.mark.parametrize("frames", [1, 2, 5])
+def test_sparse_causal_context_and_its_gradient(ms_mode, frames):
+    from tav.models.attention import SparseCausalContext
+
+    x = RNG.standard_normal((2 * frames, 7, 5)).astype(np.float32)
+    cotangent = RNG.standard_normal((2 * frames, 14, 5)).astype(np.float32)
+    outputs, grads = [], []
+    for enabled in (True, False):
+        layer = build(SparseCausalContext, enabled)
+        outputs.append(layer(ms.Tensor(x), frames).asnumpy())
+        grads.append(ms.grad(_ContextSum(layer, frames))(ms.Tensor(x), ms.Tensor(cotangent)).asnumpy())
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    np.testing.assert_allclose(grads[0], grads[1], atol=1e-5)
+    # frame 0 collects from every frame's first half (and the second halves of frames 0 and 1)
+    assert np.abs(grads[0][0]).max() > np.abs(cotangent).max()

@@ -4,10 +4,14 @@
 Token layouts follow the official model (reference 1.1): spatial tokens are ((b f), h*w, c) with frames folded
 batch-major/frame-minor; the temporal attention sees ((b h*w), f, c).
 """
+import mindspore as ms
 from mindspore import nn, ops
 
+from tav import backend
 from tav.kernels import AttentionKernel
-from tav.nn import Conv2d, Dropout, GatedGELU, GroupNorm, LayerNorm, Linear, gelu
+from tav.kernels.native_ops import SparseCausalContextFunction
+from tav.nn import (Conv2d, Dropout, GatedGELU, GroupNorm, LayerNorm, Linear, SwapMiddleAxes, gelu,
+                    native_ops_library)
 
 
 class Attention(nn.Cell):
@@ -58,13 +62,32 @@ def sparse_causal_context(tokens, video_length):
     return ops.cat([first_repeated, previous], 2).reshape(bf, 2 * d, c)
 
 
+class SparseCausalContext(nn.Cell):
+    """sparse_causal_context as a layer: on CPU one compiled copy (and one in the backward) in place of the two
+    slices, broadcast and two concatenations, whose MindSpore CPU kernels keep their workspace for the graph's
+    life (kernels/cpu/norms.cc)."""
+
+    def __init__(self):
+        super().__init__()
+        self.native = SparseCausalContextFunction() if backend.use_native_kernel(native_ops_library()) else None
+
+    def construct(self, tokens, video_length):
+        if self.native is not None and tokens.dtype == ms.float32:
+            return self.native(tokens, ms.Tensor([video_length], ms.float32))
+        return sparse_causal_context(tokens, video_length)
+
+
 class SparseCausalAttention(Attention):
     """attn1: each frame's queries attend to the keys/values of frame 0 and of the previous frame."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.context = SparseCausalContext()
+
     def construct(self, x, video_length):
         q = self.to_q(x)
-        k = sparse_causal_context(self.to_k(x), video_length)
-        v = sparse_causal_context(self.to_v(x), video_length)
+        k = self.context(self.to_k(x), video_length)
+        v = self.context(self.to_v(x), video_length)
         return self.attend(q, k, v)
 
 
@@ -136,6 +159,7 @@ class BasicTransformerBlock(nn.Cell):
         out_weight = self.attn_temp.to_out[0].weight
         out_weight.set_data(ops.zeros(out_weight.shape, out_weight.dtype))
         self.norm_temp = LayerNorm(dim)
+        self.swap = SwapMiddleAxes()
 
     def construct(self, x, encoder_hidden_states, video_length):
         if self.only_cross_attention:
@@ -148,9 +172,9 @@ class BasicTransformerBlock(nn.Cell):
         # Temporal attention: every spatial position becomes a sequence over the frames.
         bf, d, c = x.shape
         b = bf // video_length
-        temporal = x.reshape(b, video_length, d, c).transpose(0, 2, 1, 3).reshape(b * d, video_length, c)
+        temporal = self.swap(x.reshape(b, video_length, d, c)).reshape(b * d, video_length, c)
         temporal = self.attn_temp(self.norm_temp(temporal)) + temporal
-        return temporal.reshape(b, d, video_length, c).transpose(0, 2, 1, 3).reshape(bf, d, c)
+        return self.swap(temporal.reshape(b, d, video_length, c)).reshape(bf, d, c)
 
 
 class Transformer3DModel(nn.Cell):
@@ -175,6 +199,7 @@ class Transformer3DModel(nn.Cell):
                                   only_cross_attention=only_cross_attention, upcast_attention=upcast_attention,
                                   attention_backend=attention_backend)
         ])
+        self.swap = SwapMiddleAxes()
 
     def construct(self, x, encoder_hidden_states, frames):
         """x: ((B F), C, H, W), frames folded batch-major; encoder_hidden_states: (B, L, D), one per video."""
@@ -185,15 +210,23 @@ class Transformer3DModel(nn.Cell):
         context = context.reshape((bf,) + encoder_hidden_states.shape[1:])
         hidden = self.norm(x)  # per frame: the official norm runs after folding the frames (reference 1.8)
         if self.use_linear_projection:
-            hidden = self.proj_in(hidden.transpose(0, 2, 3, 1).reshape(bf, h * w, c))
+            hidden = self.proj_in(self.to_tokens(hidden))
         else:
-            hidden = self.proj_in(hidden)
-            hidden = hidden.transpose(0, 2, 3, 1).reshape(bf, h * w, hidden.shape[1])
+            hidden = self.to_tokens(self.proj_in(hidden))
         for block in self.transformer_blocks:
             hidden = block(hidden, context, frames)
         if self.use_linear_projection:
-            hidden = self.proj_out(hidden).reshape(bf, h, w, c).transpose(0, 3, 1, 2)
+            hidden = self.to_planes(self.proj_out(hidden), h, w)
         else:
-            hidden = hidden.reshape(bf, h, w, hidden.shape[2]).transpose(0, 3, 1, 2)
-            hidden = self.proj_out(hidden)
+            hidden = self.proj_out(self.to_planes(hidden, h, w))
         return hidden + x
+
+    def to_tokens(self, planes):
+        """(N, C, H, W) -> (N, H*W, C)."""
+        n, c, h, w = planes.shape
+        return self.swap(planes.reshape(n, c, h * w, 1)).reshape(n, h * w, c)
+
+    def to_planes(self, tokens, h, w):
+        """(N, H*W, C) -> (N, C, H, W)."""
+        n, _, c = tokens.shape
+        return self.swap(tokens.reshape(n, h * w, c, 1)).reshape(n, c, h, w)

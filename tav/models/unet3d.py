@@ -20,7 +20,7 @@ from tav import checkpoint
 from tav.kernels import ATTENTION_BACKENDS
 from tav.models.embeddings import TimestepEmbedding, Timesteps
 from tav.models.unet_blocks import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS
-from tav.nn import Conv2d, GroupNorm
+from tav.nn import Conv2d, GroupNorm, SwapMiddleAxes
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
 CONFIG_NAME = "config.json"
@@ -259,6 +259,7 @@ class UNet3DConditionModel(nn.Cell):
 
         self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps, fused_silu=True)
         self.conv_out = Conv2d(channels[0], config.out_channels, 3, padding=1)
+        self.swap = SwapMiddleAxes()  # (B, C, F, H*W) <-> (B, F, C, H*W) at the entry and exit
 
     # --- calling -----------------------------------------------------------------------------------------------
     def __call__(self, sample, timestep, encoder_hidden_states):
@@ -279,7 +280,7 @@ class UNet3DConditionModel(nn.Cell):
         # Frames folded into the batch for the whole network, ((B F), C, H, W): the per-frame ("inflated") convs
         # are then plain 2-D convs; the blocks are told `frames` where frames interact (GroupNorm, attention).
         b, c, frames, h, w = sample.shape
-        x = self.conv_in(sample.transpose(0, 2, 1, 3, 4).reshape(b * frames, c, h, w))
+        x = self.conv_in(self.swap(sample.reshape(b, c, frames, h * w)).reshape(b * frames, c, h, w))
         skips = (x,)
         for i in range(len(self.down_blocks)):
             x, block_skips = self.down_blocks[i](x, emb, encoder_hidden_states, frames)
@@ -296,7 +297,7 @@ class UNet3DConditionModel(nn.Cell):
             x = self.up_blocks[i](x, block_skips, emb, encoder_hidden_states, frames, upsample_size)
 
         out = self.conv_out(self.conv_norm_out(x, frames))
-        return out.reshape(b, frames, out.shape[1], h, w).transpose(0, 2, 1, 3, 4)
+        return self.swap(out.reshape(b, frames, out.shape[1], h * w)).reshape(b, out.shape[1], frames, h, w)
 
     # --- options -----------------------------------------------------------------------------------------------
     def set_attention_backend(self, backend):
