@@ -152,6 +152,19 @@ def function(name, symbol):
     return f"{library(name)}:{symbol}"
 
 
+def custom_op(name, symbol, out_shape, out_dtype, variant="", **kwargs):
+    """ops.Custom running kernels/cpu/<name>.cc's `symbol` (built on first use), the one way the native Cells make
+    their ops. `variant` names what `out_shape` closes over beyond the input shapes (a conv's stride and padding):
+    PyNative caches a Custom op's shape inference by its primitive attributes, so two ops of one symbol whose
+    inference differs must differ in an attribute -- without it a stride-2 conv once got a stride-1 output shape.
+    Extra keyword arguments (e.g. bprop) go to ops.Custom."""
+    from mindspore import ops
+
+    op = ops.Custom(function(name, symbol), out_shape=out_shape, out_dtype=out_dtype, func_type="aot", **kwargs)
+    op.add_prim_attr("tav_kernel", f"{name}:{symbol}:{variant}")
+    return op
+
+
 def available(name):
     """True when kernels/cpu/<name>.cc builds here (the result is remembered for the process)."""
     try:

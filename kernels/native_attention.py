@@ -68,16 +68,13 @@ def _custom(symbol):
     """The ops.Custom for one entry point of attention.cc, created once per process (builds the library)."""
     if symbol in _ops:
         return _ops[symbol]
-    func = native.function(LIBRARY, symbol)
     f32 = ms.float32
     if symbol == "attention_forward":
-        op = ops.Custom(func, out_shape=lambda q, k, v, s: q, out_dtype=f32, func_type="aot")
+        op = native.custom_op(LIBRARY, symbol, lambda q, k, v, s: q, f32)
     elif symbol == "attention_backward":
-        op = ops.Custom(func, out_shape=lambda q, k, v, o, g, s: (q, k, v), out_dtype=(f32, f32, f32),
-                        func_type="aot")
+        op = native.custom_op(LIBRARY, symbol, lambda q, k, v, o, g, s: (q, k, v), (f32, f32, f32))
     elif symbol == "attention_backward_lse":
-        op = ops.Custom(func, out_shape=lambda q, k, v, o, g, s, lse: (q, k, v), out_dtype=(f32, f32, f32),
-                        func_type="aot")
+        op = native.custom_op(LIBRARY, symbol, lambda q, k, v, o, g, s, lse: (q, k, v), (f32, f32, f32))
     else:
         raise ValueError(symbol)
     _ops[symbol] = op
@@ -140,9 +137,9 @@ class NativeAttentionWithLse(nn.Cell):
             dq, dk, dv = backward_op(q, k, v, out[0], dout[0], s, out[1])
             return dq, dk, dv, ops.zeros_like(s)
 
-        func = native.function(LIBRARY, "attention_forward_lse")
-        self.forward_op = ops.Custom(func, out_shape=lambda q, k, v, s: (q, [q[0], q[2], q[1]]),
-                                     out_dtype=(ms.float32, ms.float32), func_type="aot", bprop=bprop)
+        self.forward_op = native.custom_op(LIBRARY, "attention_forward_lse",
+                                           lambda q, k, v, s: (q, [q[0], q[2], q[1]]), (ms.float32, ms.float32),
+                                           bprop=bprop)
 
     def construct(self, q, k, v):
         h = self.num_heads

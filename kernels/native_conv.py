@@ -83,11 +83,7 @@ def _backward_dtypes_nobias(x, weight, scalars, dy):
 
 
 def _custom(symbol, out_shape, out_dtype, geometry=""):
-    op = ops.Custom(native.function(LIBRARY, symbol), out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
-    # PyNative caches a Custom op's shape inference by its attributes: without this, every conv op after the
-    # first of the same symbol reused the first one's output shape (a stride-2 conv got a stride-1 output).
-    op.add_prim_attr("tav_geometry", f"{symbol}:{geometry}")
-    return op
+    return native.custom_op(LIBRARY, symbol, out_shape, out_dtype, variant=geometry)
 
 
 class Conv2dFunction(nn.Cell):

@@ -7,7 +7,7 @@ weight trains: `weight_grad = False` (tav.nn.match_weight_gradients sets it from
 step compiles) returns zeros instead, as autodiff skips gradients nobody asked for.
 """
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import nn
 
 from . import native
 
@@ -15,7 +15,7 @@ LIBRARY = "linear"
 
 
 def _custom(symbol, out_shape, out_dtype):
-    return ops.Custom(native.function(LIBRARY, symbol), out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+    return native.custom_op(LIBRARY, symbol, out_shape, out_dtype)
 
 
 def _forward_shape(x, weight, *bias):

@@ -16,7 +16,7 @@ LIBRARY = "norms"
 
 
 def _custom(symbol, out_shape, out_dtype):
-    return ops.Custom(native.function(LIBRARY, symbol), out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+    return native.custom_op(LIBRARY, symbol, out_shape, out_dtype)
 
 
 def _same(*args):
@@ -132,8 +132,7 @@ def adamw_update_op():
     """The fused AdamW update of one fp32 tensor (kernels/cpu/optim.cc): (param, grad, exp_avg, exp_avg_sq,
     scalars [step_size, decay, bias_correction2_sqrt, 1-beta1, beta2, 1-beta2, eps]) -> (param', exp_avg',
     exp_avg_sq'). One op where the op-by-op form took ~15, each of which MindSpore's CPU graph holds memory for."""
-    return ops.Custom(native.function("optim", "adamw_update"), out_shape=_adamw_shapes, out_dtype=_adamw_dtypes,
-                      func_type="aot")
+    return native.custom_op("optim", "adamw_update", _adamw_shapes, _adamw_dtypes)
 
 
 class GEGLUFunction(nn.Cell):
