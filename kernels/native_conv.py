@@ -82,8 +82,23 @@ def _backward_dtypes_nobias(x, weight, scalars, dy):
     return x, weight
 
 
+def _input_gradient_shape(weight, scalars, dy, size):
+    return [dy[0], weight[1], size[0], size[1]]
+
+
+def _input_gradient_dtype(weight, scalars, dy, size):
+    return dy
+
+
 def _custom(symbol, out_shape, out_dtype, geometry=""):
     return native.custom_op(LIBRARY, symbol, out_shape, out_dtype, variant=geometry)
+
+
+def _input_gradient(op, x_shape, weight, stride, padding, dout):
+    """dx of a frozen-weight conv without x: only x's static shape, whose (H, W) a strided conv's dy does not
+    determine, travels as the shape of a small tensor."""
+    size = ops.zeros((x_shape[2], x_shape[3]), ms.float32)
+    return op(weight, ms.Tensor([stride, padding], ms.float32), dout, size)
 
 
 class Conv2dFunction(nn.Cell):
@@ -94,19 +109,25 @@ class Conv2dFunction(nn.Cell):
         super().__init__()
         self.stride = int(stride)
         self.padding = int(padding)
-        self.weight_grad = True  # False (set before compiling): the backward skips dweight and returns zeros
+        # False (set before compiling): the backward gives dx without reading x (conv2d_bwd_input) and zeros for
+        # dweight/dbias, so the forward's input need not stay alive until the backward.
+        self.weight_grad = True
         self.forward_op = _custom("conv2d_fwd", _forward_shape(self.stride, self.padding), _first_dtype,
                                   f"s{self.stride}p{self.padding}")
         self.backward_op = _custom("conv2d_bwd", _backward_shapes, _backward_dtypes)
+        self.input_backward_op = _custom("conv2d_bwd_input", _input_gradient_shape, _input_gradient_dtype)
 
     def construct(self, x, weight, bias):
         scalars = ms.Tensor([self.stride, self.padding], ms.float32)
         return self.forward_op(x, weight, bias, scalars)
 
     def bprop(self, x, weight, bias, out, dout):
-        scalars = ms.Tensor([self.stride, self.padding, 1.0 if self.weight_grad else 0.0], ms.float32)
-        dx, dweight, dbias = self.backward_op(x, weight, scalars, dout)
-        return dx, dweight, dbias
+        if self.weight_grad:
+            scalars = ms.Tensor([self.stride, self.padding, 1.0], ms.float32)
+            dx, dweight, dbias = self.backward_op(x, weight, scalars, dout)
+            return dx, dweight, dbias
+        dx = _input_gradient(self.input_backward_op, x.shape, weight, self.stride, self.padding, dout)
+        return dx, ops.zeros_like(weight), ops.zeros_like(bias)
 
 
 class Conv2dNoBiasFunction(nn.Cell):
@@ -120,12 +141,16 @@ class Conv2dNoBiasFunction(nn.Cell):
         self.forward_op = _custom("conv2d_fwd_nobias", _forward_shape(self.stride, self.padding), _first_dtype,
                                   f"s{self.stride}p{self.padding}")
         self.backward_op = _custom("conv2d_bwd_nobias", _backward_shapes_nobias, _backward_dtypes_nobias)
+        self.input_backward_op = _custom("conv2d_bwd_input", _input_gradient_shape, _input_gradient_dtype)
 
     def construct(self, x, weight):
         scalars = ms.Tensor([self.stride, self.padding], ms.float32)
         return self.forward_op(x, weight, scalars)
 
     def bprop(self, x, weight, out, dout):
-        scalars = ms.Tensor([self.stride, self.padding, 1.0 if self.weight_grad else 0.0], ms.float32)
-        dx, dweight = self.backward_op(x, weight, scalars, dout)
-        return dx, dweight
+        if self.weight_grad:
+            scalars = ms.Tensor([self.stride, self.padding, 1.0], ms.float32)
+            dx, dweight = self.backward_op(x, weight, scalars, dout)
+            return dx, dweight
+        dx = _input_gradient(self.input_backward_op, x.shape, weight, self.stride, self.padding, dout)
+        return dx, ops.zeros_like(weight)

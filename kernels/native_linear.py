@@ -3,11 +3,14 @@
 Why: MindSpore 2.10's CPU MatMul + BiasAdd ran the UNet's 111 Linears of a small-bench sampling step in ~330 ms,
 ~3x PyTorch's addmm. The kernel splits the rows of x among OpenMP threads, one sgemm each (the libdnnl.so.3
 MindSpore ships), bias added in cache. The backward gives dx = dy W always and dW = dy^T x, db only when the
-weight trains: `weight_grad = False` (tav.nn.match_weight_gradients sets it from requires_grad before a train
-step compiles) returns zeros instead, as autodiff skips gradients nobody asked for.
+weight trains: with `weight_grad = False` (tav.nn.match_weight_gradients sets it from requires_grad before a train
+step compiles) the backward is linear_bwd_input(dy, W), which does not read x, and returns zeros for dW and db
+(nobody asks for them). Not reading x matters as much as the skipped product: a backward that takes x keeps
+every frozen Linear's input alive from the forward to the backward (the GEGLU output before ff.net.2 alone is
+4x the block's activations).
 """
 import mindspore as ms
-from mindspore import nn
+from mindspore import nn, ops
 
 from . import native
 
@@ -34,6 +37,14 @@ def _backward_dtypes(x, weight, dy, flags):
     return x, weight, weight
 
 
+def _input_gradient_shape(dy, weight):
+    return list(dy[:-1]) + [weight[1]]
+
+
+def _input_gradient_dtype(dy, weight):
+    return dy
+
+
 def _backward_shapes_nobias(x, weight, dy, flags):
     return x, weight
 
@@ -50,14 +61,16 @@ class LinearFunction(nn.Cell):
         self.weight_grad = True
         self.forward_op = _custom("linear_fwd", _forward_shape, _first)
         self.backward_op = _custom("linear_bwd", _backward_shapes, _backward_dtypes)
+        self.input_backward_op = _custom("linear_bwd_input", _input_gradient_shape, _input_gradient_dtype)
 
     def construct(self, x, weight, bias):
         return self.forward_op(x, weight, bias)
 
     def bprop(self, x, weight, bias, out, dout):
-        flags = ms.Tensor([1.0 if self.weight_grad else 0.0], ms.float32)
-        dx, dweight, dbias = self.backward_op(x, weight, dout, flags)
-        return dx, dweight, dbias
+        if self.weight_grad:
+            dx, dweight, dbias = self.backward_op(x, weight, dout, ms.Tensor([1.0], ms.float32))
+            return dx, dweight, dbias
+        return self.input_backward_op(dout, weight), ops.zeros_like(weight), ops.zeros_like(bias)
 
 
 class LinearNoBiasFunction(nn.Cell):
@@ -68,11 +81,13 @@ class LinearNoBiasFunction(nn.Cell):
         self.weight_grad = True
         self.forward_op = _custom("linear_fwd_nobias", _forward_shape, _first)
         self.backward_op = _custom("linear_bwd_nobias", _backward_shapes_nobias, _backward_dtypes_nobias)
+        self.input_backward_op = _custom("linear_bwd_input", _input_gradient_shape, _input_gradient_dtype)
 
     def construct(self, x, weight):
         return self.forward_op(x, weight)
 
     def bprop(self, x, weight, out, dout):
-        flags = ms.Tensor([1.0 if self.weight_grad else 0.0], ms.float32)
-        dx, dweight = self.backward_op(x, weight, dout, flags)
-        return dx, dweight
+        if self.weight_grad:
+            dx, dweight = self.backward_op(x, weight, dout, ms.Tensor([1.0], ms.float32))
+            return dx, dweight
+        return self.input_backward_op(dout, weight), ops.zeros_like(weight)

@@ -4,6 +4,8 @@ Every layer is built twice, with and without native kernels (tav.backend.force_n
 same outputs and the same gradients (through ms.grad, in GRAPH and PYNATIVE mode). The portable path is in turn
 checked against numpy/PyTorch elsewhere (test_unet3d.py, test_backend.py).
 """
+import types
+
 import numpy as np
 import pytest
 
@@ -129,9 +131,14 @@ def test_linear(ms_mode, bias):
     compare(lambda: tnn.Linear(24, 40, bias=bias), x, atol=1e-5, grad_atol=1e-5)
 
 
-@pytest.mark.parametrize("factory", [lambda: tnn.Linear(12, 20), lambda: tnn.Linear(12, 20, bias=False),
-                                     lambda: tnn.Conv2d(3, 5, 3, padding=1), lambda: tnn.Conv2d(3, 5, 1)],
-                         ids=["linear", "linear-nobias", "conv3x3", "conv1x1"])
+FROZEN_CASES = pytest.mark.parametrize(
+    "factory", [lambda: tnn.Linear(12, 20), lambda: tnn.Linear(12, 20, bias=False),
+                lambda: tnn.Conv2d(3, 5, 3, padding=1), lambda: tnn.Conv2d(3, 5, 1),
+                lambda: tnn.Conv2d(3, 5, 3, stride=2, padding=1), lambda: tnn.Conv2d(3, 5, 3, stride=2, bias=False)],
+    ids=["linear", "linear-nobias", "conv3x3", "conv1x1", "conv3x3-stride2", "conv3x3-stride2-nobias"])
+
+
+@FROZEN_CASES
 def test_frozen_weights_get_no_gradient_and_the_input_gradient_is_unchanged(ms_mode, factory):
     """match_weight_gradients: a frozen layer's native backward skips dW (zeros, as nobody reads it) and still
     gives the exact input gradient, which is what flows on to the trainable layers."""
@@ -153,6 +160,28 @@ def test_frozen_weights_get_no_gradient_and_the_input_gradient_is_unchanged(ms_m
     np.testing.assert_allclose(results[1][0], results[0][0], atol=1e-6)
     assert np.abs(results[0][1]).max() > 1e-3
     assert not results[1][1].any()
+
+
+@FROZEN_CASES
+def test_frozen_backward_reads_only_the_input_shape(pynative, factory):
+    """A frozen layer's backward must not take its input: autodiff would keep every frozen layer's input alive
+    from the forward to the backward. Its bprop gets an object that has a shape and nothing else, and must still
+    give the input gradient of the trainable variant (odd sizes: a stride-2 conv's dy does not fix H and W)."""
+    shape = (4, 9, 12) if isinstance(factory(), tnn.Linear) else (2, 3, 7, 9)
+    x = ms.Tensor(RNG.standard_normal(shape).astype(np.float32))
+    layer = build(factory, True)
+    randomise(layer, 4)
+    out = layer(x)
+    dout = ms.Tensor(np.random.default_rng(7).standard_normal(out.shape).astype(np.float32))
+    params = [layer.weight] + ([layer.bias] if getattr(layer, "bias", None) is not None else [])
+    native = layer.native
+    native.weight_grad = True
+    expected = native.bprop(x, *params, out, dout)
+    native.weight_grad = False
+    frozen = native.bprop(types.SimpleNamespace(shape=x.shape), *params, None, dout)
+    assert frozen[0].shape == x.shape
+    np.testing.assert_allclose(frozen[0].asnumpy(), expected[0].asnumpy(), atol=1e-6)
+    assert np.abs(expected[0].asnumpy()).max() > 1e-2
 
 
 class _ProjectedGatedGELU(nn.Cell):

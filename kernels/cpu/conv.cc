@@ -3,6 +3,9 @@
 //   conv2d_fwd[_nobias]   y = conv(x, w) (+ b): x (N, C, H, W), w (O, C, KH, KW), b (O,), symmetric zero padding p,
 //                         stride s (same along H and W); y (N, O, Ho, Wo), Ho = (H + 2p - KH) / s + 1.
 //   conv2d_bwd[_nobias]   (x, w, scalars, dy) -> dx, dw (, db).
+//   conv2d_bwd_input      (w, scalars, dy, size) -> dx: a frozen weight's backward, without x; size is any
+//                         (H, W) tensor (only its shape is read: dx's height and width, which a strided conv's
+//                         dy does not determine).
 //
 // Scalars arrive as a small fp32 tensor [stride, padding]. The products run in oneDNN's sgemm (dnnl_sgemm, the C
 // API of the libdnnl.so.3 that MindSpore's CPU build ships and has loaded already; its threadpool runtime makes
@@ -239,32 +242,16 @@ int conv_forward(int nparam, void **params, int *ndims, int64_t **shapes, const 
   return status;
 }
 
-int conv_backward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool has_bias) {
-  // inputs x, w, scalars, dy; outputs dx, dw (, db)
-  const int expected = has_bias ? 7 : 6;
-  if (nparam != expected) return 1;
-  for (int i = 0; i < nparam; ++i)
-    if (!is_f32(dtypes[i])) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *w = static_cast<const float *>(params[1]);
-  const float *scalars = static_cast<const float *>(params[2]);
-  const float *dy = static_cast<const float *>(params[3]);
-  float *dx = static_cast<float *>(params[4]);
-  float *dw = static_cast<float *>(params[5]);
-  float *db = has_bias ? static_cast<float *>(params[6]) : nullptr;
-  Geometry g;
-  if (!read_geometry(ndims, shapes, 0, 1, scalars, &g)) return 2;
-  // scalars[2] = 0: the weight is frozen (every conv when tuning): skip the dW products, return zeros.
-  const bool need_dweight = shapes[2][0] < 3 || scalars[2] != 0.0f;
-  const int64_t *dys = shapes[3];
-  if (ndims[3] != 4 || dys[0] != g.n || dys[1] != g.o || dys[2] != g.ho || dys[3] != g.wo) return 2;
-
+// dx (and, when need_dweight, dw and db) of the convolution of geometry g. x is read only for dw: the frozen-weight
+// entry point passes none, so autodiff does not keep the layer's input alive until the backward.
+int conv_backward_core(const Geometry &g, const float *x, const float *w, const float *dy, float *dx, float *dw,
+                       float *db, bool need_dweight) {
   const bool pointwise = g.pointwise();
   const int64_t ckk = g.ckk(), kk = g.kk();
   const int64_t in_plane = g.in_plane(), out_plane = g.out_plane();
   const int64_t weight_size = g.o * ckk;
 
-  if (has_bias) {
+  if (db != nullptr) {
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < g.o; ++o) {
       double total = 0.0;
@@ -282,7 +269,7 @@ int conv_backward(int nparam, void **params, int *ndims, int64_t **shapes, const
   }
   if (g.n == 0 || out_plane == 0 || g.o == 0) {
     std::memset(dx, 0, sizeof(float) * g.n * g.c * in_plane);
-    std::memset(dw, 0, sizeof(float) * weight_size);
+    if (dw != nullptr) std::memset(dw, 0, sizeof(float) * weight_size);
     return 0;
   }
 
@@ -304,7 +291,7 @@ int conv_backward(int nparam, void **params, int *ndims, int64_t **shapes, const
   const int slices_wanted = std::max(1, threads / groups);
   const int slices = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(slices_wanted, g.c)));
   std::vector<float> partial(need_dweight ? static_cast<size_t>(groups - 1) * weight_size : 0);
-  if (!need_dweight) std::memset(dw, 0, sizeof(float) * weight_size);
+  if (!need_dweight && dw != nullptr) std::memset(dw, 0, sizeof(float) * weight_size);
 
   const int64_t rows = band_rows(g, pointwise ? 0 : (g.c + slices - 1) / slices * kk);
   const int64_t bands = (g.ho + rows - 1) / rows;
@@ -378,6 +365,38 @@ int conv_backward(int nparam, void **params, int *ndims, int64_t **shapes, const
   return status;
 }
 
+int conv_backward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool has_bias) {
+  // inputs x, w, scalars, dy; outputs dx, dw (, db)
+  const int expected = has_bias ? 7 : 6;
+  if (nparam != expected) return 1;
+  for (int i = 0; i < nparam; ++i)
+    if (!is_f32(dtypes[i])) return 1;
+  const float *scalars = static_cast<const float *>(params[2]);
+  Geometry g;
+  if (!read_geometry(ndims, shapes, 0, 1, scalars, &g)) return 2;
+  // scalars[2] = 0: the weight is frozen: skip the dW products, return zeros.
+  const bool need_dweight = shapes[2][0] < 3 || scalars[2] != 0.0f;
+  const int64_t *dys = shapes[3];
+  if (ndims[3] != 4 || dys[0] != g.n || dys[1] != g.o || dys[2] != g.ho || dys[3] != g.wo) return 2;
+  return conv_backward_core(g, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                            static_cast<const float *>(params[3]), static_cast<float *>(params[4]),
+                            static_cast<float *>(params[5]), has_bias ? static_cast<float *>(params[6]) : nullptr,
+                            need_dweight);
+}
+
+int conv_backward_input(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  // inputs w, scalars, dy, size (H, W: only its shape is read); output dx, whose shape gives the geometry
+  if (nparam != 5) return 1;
+  for (int i = 0; i < nparam; ++i)
+    if (!is_f32(dtypes[i])) return 1;
+  Geometry g;
+  if (!read_geometry(ndims, shapes, 4, 0, static_cast<const float *>(params[1]), &g)) return 2;
+  const int64_t *dys = shapes[2];
+  if (ndims[2] != 4 || dys[0] != g.n || dys[1] != g.o || dys[2] != g.ho || dys[3] != g.wo) return 2;
+  return conv_backward_core(g, nullptr, static_cast<const float *>(params[0]), static_cast<const float *>(params[2]),
+                            static_cast<float *>(params[4]), nullptr, nullptr, false);
+}
+
 }  // namespace
 
 extern "C" {
@@ -393,6 +412,9 @@ int conv2d_bwd(int n, void **p, int *nd, int64_t **s, const char **t, void *, vo
 }
 int conv2d_bwd_nobias(int n, void **p, int *nd, int64_t **s, const char **t, void *, void *) {
   return conv_backward(n, p, nd, s, t, false);
+}
+int conv2d_bwd_input(int n, void **p, int *nd, int64_t **s, const char **t, void *, void *) {
+  return conv_backward_input(n, p, nd, s, t);
 }
 
 // For benchmarks: band columns (0 = automatic), buffer cap in bytes, backward split (0 auto, 1 images,

@@ -7,8 +7,10 @@
 //
 //   linear_fwd[_nobias]   x (..., K), w (N, K)[, b (N)]                         -> y (..., N)
 //   linear_bwd[_nobias]   x, w, dy (..., N), flags [need_dweight]               -> dx, dw[, db]
-// need_dweight = 0 (a frozen weight, which is every Linear but the trainable set when tuning) skips the dW
-// product and returns zeros: autodiff would not compute it either.
+//   linear_bwd_input      dy (..., N), w (N, K)                                 -> dx (..., K)
+// need_dweight = 0 skips the dW product and returns zeros: autodiff would not compute it either. A frozen weight
+// (every Linear but the trainable set when tuning) takes linear_bwd_input instead, which does not read x, so the
+// graph need not keep the layer's input alive until the backward.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -70,6 +72,31 @@ int linear_forward(int nparam, void **params, int *ndims, int64_t **shapes, cons
   return status == 0 ? 0 : 3;
 }
 
+// dx = dy W for dy (m, n), w (n, k), rows split among threads.
+int input_gradient(const float *dy, const float *w, float *dx, int64_t m, int64_t n, int64_t k) {
+  const int64_t blocks = block_count(m);
+  int status = 0;
+#pragma omp parallel for schedule(static) num_threads(blocks) reduction(| : status)
+  for (int64_t block = 0; block < blocks; ++block) {
+    const int64_t r0 = m * block / blocks, r1 = m * (block + 1) / blocks;
+    if (r1 > r0) status |= dnnl_sgemm('N', 'N', r1 - r0, k, n, 1.0f, dy + r0 * n, n, w, k, 0.0f, dx + r0 * k, k);
+  }
+  return status;
+}
+
+int linear_backward_input(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  // inputs: dy, w; output: dx
+  if (nparam != 3) return 1;
+  for (int i = 0; i < nparam; ++i)
+    if (!is_f32(dtypes[i])) return 1;
+  const int64_t n = shapes[1][0], k = shapes[1][1], m = rows_of(ndims[0], shapes[0]);
+  if (ndims[1] != 2 || shapes[0][ndims[0] - 1] != n || shapes[2][ndims[2] - 1] != k ||
+      rows_of(ndims[2], shapes[2]) != m)
+    return 2;
+  return input_gradient(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                        static_cast<float *>(params[2]), m, n, k) == 0 ? 0 : 3;
+}
+
 int linear_backward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool has_bias) {
   // inputs: x, w, dy, flags; outputs: dx, dw[, db]
   const int expected = has_bias ? 7 : 6;
@@ -86,14 +113,7 @@ int linear_backward(int nparam, void **params, int *ndims, int64_t **shapes, con
   const int64_t k = shapes[0][ndims[0] - 1], n = shapes[1][0], m = rows_of(ndims[0], shapes[0]);
   if (shapes[2][ndims[2] - 1] != n || rows_of(ndims[2], shapes[2]) != m) return 2;
   const int threads = max_threads();
-  int status = 0;
-  // dx = dy W, rows split among threads.
-  const int64_t blocks = block_count(m);
-#pragma omp parallel for schedule(static) num_threads(blocks) reduction(| : status)
-  for (int64_t block = 0; block < blocks; ++block) {
-    const int64_t r0 = m * block / blocks, r1 = m * (block + 1) / blocks;
-    if (r1 > r0) status |= dnnl_sgemm('N', 'N', r1 - r0, k, n, 1.0f, dy + r0 * n, n, w, k, 0.0f, dx + r0 * k, k);
-  }
+  int status = input_gradient(dy, w, dx, m, n, k);
   if (!need_dweight) {
     std::memset(dw, 0, sizeof(float) * n * k);
     if (db != nullptr) std::memset(db, 0, sizeof(float) * n);
@@ -144,6 +164,9 @@ int linear_bwd(int n, void **p, int *nd, int64_t **s, const char **t, void *, vo
 }
 int linear_bwd_nobias(int n, void **p, int *nd, int64_t **s, const char **t, void *, void *) {
   return linear_backward(n, p, nd, s, t, false);
+}
+int linear_bwd_input(int n, void **p, int *nd, int64_t **s, const char **t, void *, void *) {
+  return linear_backward_input(n, p, nd, s, t);
 }
 
 }  // extern "C"
