@@ -222,6 +222,9 @@ class AdamW(nn.Cell):
             for name, param in named_params])
         self.step = ms.Parameter(ms.Tensor(0, ms.int32), name="adamw.step", requires_grad=False)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
+        # 1 - beta in Python's double, as torch computes it: written as `1.0 - self.beta2` inside a compiled graph
+        # MindSpore subtracts in fp32 (0.00099998713 instead of 0.001, a 1.3e-5 relative error in exp_avg_sq).
+        self.one_minus_beta1, self.one_minus_beta2 = 1.0 - self.beta1, 1.0 - self.beta2
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
         # On CPU one fused op per tensor (kernels/cpu/optim.cc, the same arithmetic in the same order) instead of
@@ -241,8 +244,8 @@ class AdamW(nn.Cell):
         scalars = None
         if self.fused_update is not None:
             scalars = ops.stack([step_size.astype(ms.float32), decay.astype(ms.float32),
-                                 bias_correction2_sqrt.astype(ms.float32), ms.Tensor(1.0 - self.beta1, ms.float32),
-                                 ms.Tensor(self.beta2, ms.float32), ms.Tensor(1.0 - self.beta2, ms.float32),
+                                 bias_correction2_sqrt.astype(ms.float32), ms.Tensor(self.one_minus_beta1, ms.float32),
+                                 ms.Tensor(self.beta2, ms.float32), ms.Tensor(self.one_minus_beta2, ms.float32),
                                  ms.Tensor(self.eps, ms.float32)])
         for i in range(len(self.master)):
             grad = grads[i].astype(ms.float32)
@@ -251,8 +254,8 @@ class AdamW(nn.Cell):
                 updated, exp_avg, exp_avg_sq = self.fused_update(master, grad, self.exp_avg[i], self.exp_avg_sq[i],
                                                                   scalars)
             else:
-                exp_avg = self.exp_avg[i] + (1.0 - self.beta1) * (grad - self.exp_avg[i])  # torch: lerp_
-                exp_avg_sq = self.beta2 * self.exp_avg_sq[i] + (1.0 - self.beta2) * grad * grad
+                exp_avg = self.exp_avg[i] + self.one_minus_beta1 * (grad - self.exp_avg[i])  # torch: lerp_
+                exp_avg_sq = self.beta2 * self.exp_avg_sq[i] + self.one_minus_beta2 * grad * grad
                 denom = ops.sqrt(exp_avg_sq) / bias_correction2_sqrt + self.eps
                 updated = master * decay - step_size * exp_avg / denom
             ops.assign(self.exp_avg[i], exp_avg)
