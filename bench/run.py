@@ -57,7 +57,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=None, help="videos per step (sampling doubles it for CFG)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for both frameworks")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls; the table shows their median")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls; the table shows their median")
     parser.add_argument("--chunk-budget", type=int, default=None,
                         help="score elements per block for the chunked rows (default: tav.kernels.chunked's)")
     parser.add_argument("--weights", default=None,

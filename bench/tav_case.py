@@ -3,8 +3,9 @@
 sample  one UNet call on the classifier-free-guidance batch (2B videos, one timestep), as tav.sampling.denoise
         makes it: the UNet Cell, compiled whole in GRAPH_MODE.
 train   tav.training.build_train_step (what tools/train.py runs): noise the latents, UNet forward, fp32 MSE,
-        backward over the official trainable set (attn1.to_q, attn2.to_q, attn_temp), clip, AdamW -- one ms.jit
-        graph. In PYNATIVE mode the same Python function runs op by op (its __wrapped__, no ms.jit).
+        backward over the official trainable set (attn1.to_q, attn2.to_q, attn_temp) as one compiled graph, then
+        unscale, clip and AdamW (eager on CPU, see tav.training.TrainStep). In PYNATIVE mode the same step runs
+        op by op.
         If tav.training cannot be imported, a stand-in (value_and_grad + nn.AdamWeightDecay) is timed and the
         result says so.
 attn1   the sparse-causal self-attention of the config's first block alone (forward, CFG batch): the part whose
@@ -110,9 +111,8 @@ def train_step(case, config):
 
     optimizer = AdamW(trainable, weight_decay=1e-2)
     scheduler = DDIMScheduler(**SD_V1_SCHEDULE)
-    jitted = build_train_step(unet, optimizer, scheduler, VAE_SCALING_FACTOR, None, 1.0, ms.float32)
-    step_fn = jitted if case["mode"] == "graph" else getattr(jitted, "__wrapped__", jitted)
-    info["train_impl"] = "tav.training.build_train_step" + ("" if case["mode"] == "graph" else " (unjitted)")
+    step_fn = build_train_step(unet, optimizer, scheduler, VAE_SCALING_FACTOR, None, 1.0, ms.float32)
+    info["train_impl"] = "tav.training.build_train_step"
     mean = ms.Tensor(rng.standard_normal((1,) + latent_shape[1:], dtype=np.float32))
     std = ms.Tensor(np.full((1,) + latent_shape[1:], 0.1, np.float32))
     posterior_noise = ms.Tensor(rng.standard_normal((1,) + latent_shape, dtype=np.float32))

@@ -4,9 +4,9 @@
     result = tav.training.train(config)          # result.losses, result.delta_path, result.output_dir
 
 Read top to bottom: which tensors train (`select_trainable`), the numbers that steer a step (`precision_plan`,
-`learning_rate_at`, `DynamicLossScale`), the optimiser (`AdamW`, torch.optim.AdamW's arithmetic), the compiled
-step (`build_train_step`), the trainable-only delta checkpoint (`save_delta` / `apply_delta`), resumable
-checkpoints, validation, and the loop (`train`).
+`learning_rate_at`, `DynamicLossScale`), the optimiser (`AdamW`, torch.optim.AdamW's arithmetic), the train step
+(`TrainStep`: the compiled loss-and-gradients graph, then the update), the trainable-only delta checkpoint
+(`save_delta` / `apply_delta`), resumable checkpoints, validation, and the loop (`train`).
 
 Randomness: the per-step draws (VAE posterior noise, one timestep per video, the diffusion noise) come from a numpy
 Generator seeded with config.seed and enter the compiled step as Tensors. Its state is saved in every checkpoint,
@@ -31,7 +31,7 @@ from mindspore import nn, ops
 
 from tav import backend, checkpoint
 from tav.config import ConfigError, check_input_paths
-from tav.kernels.native_ops import adamw_update_op
+from tav.kernels.native_ops import HostOptimizerKernels, adamw_update_op
 from tav.nn import match_weight_gradients
 
 logger = logging.getLogger("tav.train")
@@ -232,8 +232,18 @@ class AdamW(nn.Cell):
         self.fused_update = None
         if master_dtype == ms.float32 and backend.use_native_kernel("optim"):
             self.fused_update = adamw_update_op()
+        # CPU, fp32 weights: host_update runs optim.cc's in-place step on the tensors' own storage (TrainStep).
+        self.host_kernels = None
+        if not self.use_master and backend.use_native_kernel("optim") and all(
+                HostOptimizerKernels.shares_storage(t) for t in (*self.master, *self.exp_avg, *self.exp_avg_sq)):
+            self.host_kernels = HostOptimizerKernels()
 
     def construct(self, grads, lr):
+        return self.update(grads, lr)
+
+    def update(self, grads, lr):
+        """One step on `grads` (one per trainable tensor, in order). Inside a compiled function call the Cell;
+        call this method to run the update eagerly (calling the Cell in GRAPH_MODE compiles it on its own)."""
         step = self.step + 1
         ops.assign(self.step, step)
         t = step.astype(ms.float32)
@@ -263,6 +273,20 @@ class AdamW(nn.Cell):
             ops.assign(master, updated)
             if self.use_master:
                 ops.assign(self.model_params[i], updated.astype(self.model_params[i].dtype))
+        return step
+
+    def host_update(self, grads, lr, denominator=1.0, clip_coef=1.0):
+        """The same step on CPU, in place on the tensors' storage (needs self.host_kernels): `grads` are float32
+        numpy arrays, the step's gradient is (grad / denominator) * clip_coef (unscale, then clip). Step size,
+        decay and bias corrections are computed in double, as torch's AdamW computes them."""
+        step = int(self.step.asnumpy()) + 1
+        self.step.set_data(ms.Tensor(step, ms.int32))
+        lr = float(lr)
+        scalars = np.array([denominator, clip_coef, lr / (1.0 - self.beta1 ** step), 1.0 - lr * self.weight_decay,
+                            math.sqrt(1.0 - self.beta2 ** step), self.one_minus_beta1, self.beta2,
+                            self.one_minus_beta2, self.eps], np.float32)
+        for grad, param, exp_avg, exp_avg_sq in zip(grads, self.master, self.exp_avg, self.exp_avg_sq):
+            self.host_kernels.adamw_step(param.asnumpy(), grad, exp_avg.asnumpy(), exp_avg_sq.asnumpy(), scalars)
         return step
 
     # -- state for checkpoints (host side)
@@ -321,61 +345,152 @@ def clip_by_global_norm(grads, max_norm, total_norm):
 # The compiled train step
 
 
-def build_train_step(unet, optimizer, scheduler, scaling_factor, shift_factor=None, max_grad_norm=1.0,
-                     compute_dtype=ms.float32):
-    """One graph-compiled function for an optimiser update:
+class DiffusionLoss(nn.Cell):
+    """The noise-prediction loss of one micro-step, times the loss scale:
+
+        construct(mean, std, posterior_noise, noise, timesteps, context, loss_scale) -> loss * loss_scale
+
+    mean, std (1, 4, F, h, w): the clip's VAE posterior; posterior_noise, noise (B, 4, F, h, w); timesteps (B,)
+    int64; context (B, 77, D). latents = (mean + std * posterior_noise - shift) * scaling_factor, noisy =
+    add_noise(latents, noise, t), target = noise (epsilon) or the velocity (v_prediction), fp32 MSE."""
+
+    def __init__(self, unet, scheduler, scaling_factor, shift_factor=None, compute_dtype=ms.float32):
+        super().__init__()
+        prediction_type = scheduler.config.prediction_type
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"cannot train a {prediction_type!r} model: prediction_type must be epsilon or "
+                             "v_prediction")
+        self.unet = unet
+        self.alphas_cumprod = ms.Tensor(np.asarray(scheduler.alphas_cumprod, np.float32))
+        self.scaling_factor = float(scaling_factor)
+        self.shift = 0.0 if shift_factor is None else float(shift_factor)
+        self.use_velocity = prediction_type == "v_prediction"
+        self.compute_dtype = compute_dtype
+
+    def construct(self, mean, std, posterior_noise, noise, timesteps, context, loss_scale):
+        latents = (mean + std * posterior_noise - self.shift) * self.scaling_factor
+        alphas = ops.gather(self.alphas_cumprod, timesteps, 0).reshape(-1, 1, 1, 1, 1)
+        sqrt_alpha, sqrt_one_minus_alpha = ops.sqrt(alphas), ops.sqrt(1.0 - alphas)
+        noisy = sqrt_alpha * latents + sqrt_one_minus_alpha * noise
+        target = sqrt_alpha * noise - sqrt_one_minus_alpha * latents if self.use_velocity else noise
+        prediction = self.unet(noisy.astype(self.compute_dtype), timesteps, context.astype(self.compute_dtype))
+        loss = ops.mean(ops.square(prediction.astype(ms.float32) - target.astype(ms.float32)))
+        return loss * loss_scale
+
+
+class MicroStepGradients(nn.Cell):
+    """The compiled part of a train step: the (scaled) loss of one micro-step and its gradients with respect to
+    `weights`, in their order and dtypes. (Casting them to fp32 here, as a generator over the tuple, added ~90
+    MiB to the CPU graph's compile memory at the small bench config: TrainStep casts the non-fp32 ones eagerly.)"""
+
+    def __init__(self, loss, weights):
+        super().__init__()
+        self.loss = loss
+        self.grad_fn = ms.value_and_grad(loss, None, weights)
+
+    def construct(self, mean, std, posterior_noise, noise, timesteps, context, loss_scale):
+        loss, grads = self.grad_fn(mean, std, posterior_noise, noise, timesteps, context, loss_scale)
+        return loss, grads
+
+
+class TrainStep:
+    """One optimiser update, what `train` calls every step:
 
         train_step(mean, std, posterior_noise, noise, timesteps, context, lr, loss_scale) -> (loss, finite, norm)
 
     mean, std: the frozen VAE's posterior of the clip (1, 4, F, h, w), fp32, computed once. Per update, with A
     accumulation micro-steps and B videos per micro-step: posterior_noise and noise (A, B, 4, F, h, w), timesteps
-    (A, B) int64, context (B, 77, D). For each micro-step: latents = (mean + std * posterior_noise) * scaling_factor,
-    noisy = add_noise(latents, noise, t), target = noise (epsilon) or the velocity (v_prediction), loss = fp32 MSE;
-    the gradients of the A micro-steps are averaged. Then: unscale by loss_scale, check they are finite, clip to
-    max_grad_norm, AdamW with learning rate `lr` -- all skipped when a gradient is not finite (fp16 overflow).
-    Returns the unscaled mean loss, whether the update was applied, and the pre-clip gradient norm.
+    (A, B) int64, context (B, 77, D). Each micro-step's loss and gradients come from one compiled graph
+    (`MicroStepGradients` over `DiffusionLoss`); their sums are then averaged, unscaled by loss_scale, checked
+    for finiteness, clipped to max_grad_norm and given to AdamW with learning rate `lr` -- all skipped when a
+    gradient is not finite (fp16 overflow). Returns the unscaled mean loss, whether the update was applied, and
+    the pre-clip gradient norm.
+
+    Why two parts: the gradient graph is the expensive one; the update is ~10 small ops per trainable tensor.
+    Compiled into the same graph it cost ~400 MiB of host memory on CPU (MindSpore keeps memory per graph node).
+    So on Ascend/GPU it is a second compiled graph (tav.backend.compile_optimizer_update); on CPU it runs on the
+    host: the gradients' and weights' numpy views (Tensor.asnumpy shares a CPU tensor's storage) go to optim.cc's
+    norm and in-place AdamW kernels, ~1 ms where the same ops run eagerly took ~75 ms (the eager form remains
+    for fp16 weights with fp32 masters, or without the native kernels). After the gradient graph compiles, the
+    heap's freed pages go back to the OS (tav.backend.release_free_host_memory).
     """
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"cannot train a {prediction_type!r} model: prediction_type must be epsilon or v_prediction")
-    alphas_cumprod = ms.Tensor(np.asarray(scheduler.alphas_cumprod, np.float32))
-    scaling_factor = float(scaling_factor)
-    shift = 0.0 if shift_factor is None else float(shift_factor)
-    max_grad_norm = float(max_grad_norm)
-    use_velocity = prediction_type == "v_prediction"
 
-    def forward(mean, std, posterior_noise, noise, timesteps, context, loss_scale):
-        latents = (mean + std * posterior_noise - shift) * scaling_factor
-        alphas = ops.gather(alphas_cumprod, timesteps, 0).reshape(-1, 1, 1, 1, 1)
-        sqrt_alpha, sqrt_one_minus_alpha = ops.sqrt(alphas), ops.sqrt(1.0 - alphas)
-        noisy = sqrt_alpha * latents + sqrt_one_minus_alpha * noise
-        target = sqrt_alpha * noise - sqrt_one_minus_alpha * latents if use_velocity else noise
-        prediction = unet(noisy.astype(compute_dtype), timesteps, context.astype(compute_dtype))
-        loss = ops.mean(ops.square(prediction.astype(ms.float32) - target.astype(ms.float32)))
-        return loss * loss_scale
+    def __init__(self, unet, optimizer, scheduler, scaling_factor, shift_factor=None, max_grad_norm=1.0,
+                 compute_dtype=ms.float32):
+        self.optimizer = optimizer
+        self.max_grad_norm = float(max_grad_norm)
+        self.loss = DiffusionLoss(unet, scheduler, scaling_factor, shift_factor, compute_dtype)
+        self.gradients = MicroStepGradients(self.loss, optimizer.model_params)
+        self.compiled_update = backend.compile_optimizer_update()
+        self.host_update = not self.compiled_update and optimizer.host_kernels is not None
+        self.update = ms.jit(self._make_update()) if self.compiled_update else self._make_update()
+        self._trimmed = False
 
-    grad_fn = ms.value_and_grad(forward, None, optimizer.model_params)
-
-    @ms.jit
-    def train_step(mean, std, posterior_noise, noise, timesteps, context, lr, loss_scale):
+    def __call__(self, mean, std, posterior_noise, noise, timesteps, context, lr, loss_scale):
         micro_steps = posterior_noise.shape[0]
-        loss, grads = grad_fn(mean, std, posterior_noise[0], noise[0], timesteps[0], context, loss_scale)
-        grads = tuple(g.astype(ms.float32) for g in grads)
-        for i in range(1, micro_steps):
-            micro_loss, micro_grads = grad_fn(mean, std, posterior_noise[i], noise[i], timesteps[i], context,
-                                              loss_scale)
-            loss = loss + micro_loss
-            grads = tuple(g + h.astype(ms.float32) for g, h in zip(grads, micro_grads))
+        loss, grads = None, None
+        for i in range(micro_steps):
+            args = (mean, std, posterior_noise[i], noise[i], timesteps[i], context, loss_scale)
+            if not self._trimmed and ms.get_context("mode") == ms.GRAPH_MODE:
+                self.gradients.compile(*args)
+                backend.release_free_host_memory()
+                self._trimmed = True
+            micro_loss, micro_grads = self.gradients(*args)
+            micro_grads = tuple(g if g.dtype == ms.float32 else g.astype(ms.float32) for g in micro_grads)
+            if grads is None:
+                loss, grads = micro_loss, micro_grads
+            else:
+                loss = loss + micro_loss
+                grads = tuple(g + h for g, h in zip(grads, micro_grads))
+        if self.host_update:
+            return self._update_on_host(grads, loss, np.float32(loss_scale.asnumpy()) * np.float32(micro_steps), lr)
         denominator = loss_scale * micro_steps
-        loss = loss / denominator
-        grads = tuple(g / denominator for g in grads)
-        finite = ms.amp.all_finite(grads)
-        norm = global_norm(grads)
-        if finite:
-            optimizer(clip_by_global_norm(grads, max_grad_norm, norm), lr)
-        return loss, finite, norm
+        if self.compiled_update:
+            return self.update(ms.mutable(grads), loss, denominator, lr)
+        return self.update(grads, loss, denominator, lr)
 
-    return train_step
+    def _update_on_host(self, grads, loss, denominator, lr):
+        finite, norm = update_on_host(self.optimizer, [g.asnumpy() for g in grads], denominator, float(lr.asnumpy()),
+                                      self.max_grad_norm)
+        return loss / ms.Tensor(denominator), ms.Tensor(finite), ms.Tensor(norm, ms.float32)
+
+    def _make_update(self):
+        """update(grads, loss_sum, denominator, lr) -> (loss, finite, norm); the same function runs eagerly or
+        compiled (ms.jit), where optimizer.update is inlined."""
+        optimizer, max_grad_norm = self.optimizer, self.max_grad_norm
+
+        def update(grads, loss, denominator, lr):
+            grads = tuple(g / denominator for g in grads)
+            finite = ms.amp.all_finite(grads)
+            norm = global_norm(grads)
+            if finite:
+                optimizer.update(clip_by_global_norm(grads, max_grad_norm, norm), lr)
+            return loss / denominator, finite, norm
+
+        return update
+
+
+def update_on_host(optimizer, grads, denominator, lr, max_grad_norm):
+    """A CPU train step's update on the host: grads are float32 numpy arrays (the summed, still scaled gradients,
+    in the optimiser's order), denominator the loss scale times the micro-steps. Computes the norm of grads /
+    denominator and whether all are finite (optim.cc, one pass each), then -- when finite -- clip_grad_norm_'s
+    coefficient (fp32, as torch) and the AdamW step in place (AdamW.host_update). Returns (finite, norm)."""
+    kernels = optimizer.host_kernels
+    total, finite = 0.0, True
+    for grad in grads:
+        squares, grad_finite = kernels.unscaled_sum_squares(grad, denominator)
+        total, finite = total + squares, finite and grad_finite
+    norm = np.float32(math.sqrt(total))
+    if finite:
+        clip_coef = min(np.float32(max_grad_norm) / (norm + np.float32(1e-6)), np.float32(1.0))
+        optimizer.host_update(grads, lr, denominator, clip_coef)
+    return finite, norm
+
+
+def build_train_step(unet, optimizer, scheduler, scaling_factor, shift_factor=None, max_grad_norm=1.0,
+                     compute_dtype=ms.float32):
+    """The TrainStep that `train` runs (see TrainStep for its inputs and outputs)."""
+    return TrainStep(unet, optimizer, scheduler, scaling_factor, shift_factor, max_grad_norm, compute_dtype)
 
 
 class StepNoise:

@@ -32,6 +32,20 @@ def test_ascend_selects_mint(monkeypatch):
     assert backend.supports_dtype(ms.bfloat16)
 
 
+def test_optimizer_update_compiles_only_off_cpu(monkeypatch):
+    assert not backend.compile_optimizer_update()  # CPU: eager (a compiled update holds host memory per node)
+    monkeypatch.setattr(backend, "device_target", lambda: "Ascend")
+    assert backend.compile_optimizer_update()
+
+
+def test_free_host_memory_goes_back_to_the_os():
+    import ctypes.util
+    import sys
+
+    glibc = sys.platform.startswith("linux") and "libc.so.6" in (ctypes.util.find_library("c") or "")
+    assert backend.release_free_host_memory() is glibc
+
+
 def test_bf16_is_refused_off_ascend():
     assert not backend.supports_dtype(ms.bfloat16)
     assert backend.supports_dtype(ms.float16) and backend.supports_dtype(ms.float32)
