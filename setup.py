@@ -10,7 +10,7 @@ setup(
     # so no top-level module called `kernels` lands in site-packages.
     package_dir={"tav": "tav", "tav.models": "tav/models", "tav.kernels": "kernels"},
     # The native CPU kernels ship as C++ sources and are compiled on first use (kernels/native.py).
-    package_data={"tav.kernels": ["cpu/*.cc"]},
+    package_data={"tav.kernels": ["cpu/*.cc", "cpu/*.h"]},
     install_requires=[
         "mindspore>=2.5",
         "mindone>=0.5.0",

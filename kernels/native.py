@@ -86,6 +86,16 @@ def _cpu_signature():
     return platform.machine() + flags
 
 
+def _header_text():
+    """kernels/cpu/*.h, which the sources include: their text is part of every library's build key."""
+    parts = []
+    for name in sorted(os.listdir(SOURCE_DIR)):
+        if name.endswith(".h"):
+            with open(os.path.join(SOURCE_DIR, name)) as handle:
+                parts.append(f"{name}\n{handle.read()}")
+    return "\n".join(parts)
+
+
 def _build_key(source_text, cxx):
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     digest = hashlib.sha256()
@@ -129,7 +139,7 @@ def _build(name):
         text = handle.read()
     extra = link_flags(name)
     folder = cache_dir()
-    target = os.path.join(folder, f"{name}-{_build_key(text + ' '.join(extra), cxx)}.so")
+    target = os.path.join(folder, f"{name}-{_build_key(text + _header_text() + ' '.join(extra), cxx)}.so")
     _check_white_list(target)
     if os.path.isfile(target):
         return target

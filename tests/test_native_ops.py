@@ -4,6 +4,8 @@ Every layer is built twice, with and without native kernels (tav.backend.force_n
 same outputs and the same gradients (through ms.grad, in GRAPH and PYNATIVE mode). The portable path is in turn
 checked against numpy/PyTorch elsewhere (test_unet3d.py, test_backend.py).
 """
+import os
+import shutil
 import types
 
 import numpy as np
@@ -226,6 +228,22 @@ def test_the_build_is_cached_by_source_and_compiler(monkeypatch, tmp_path):
     assert native.library("norms") == first  # reused, not rebuilt
     assert (tmp_path / first.rsplit("/", 1)[1]).stat().st_mtime_ns == mtime
     assert not list(tmp_path.glob("*.part"))
+
+
+def test_a_changed_header_rebuilds_the_libraries(monkeypatch, tmp_path):
+    """The sources include kernels/cpu/common.h: a library cached before a header edit must not be reused."""
+    sources = tmp_path / "cpu"
+    shutil.copytree(native.SOURCE_DIR, sources)
+    monkeypatch.setattr(native, "SOURCE_DIR", str(sources))
+    monkeypatch.setattr(native, "_built", {})
+    monkeypatch.setattr(native, "_failures", {})
+    monkeypatch.setenv("TAV_KERNEL_CACHE", str(tmp_path / "cache"))
+    before = native.library("optim")
+    with open(sources / "common.h", "a") as handle:
+        handle.write("\n// edited\n")
+    native._built.clear()
+    after = native.library("optim")
+    assert after != before and os.path.isfile(before) and os.path.isfile(after)
 
 
 def test_swap_middle_axes_and_its_gradient(ms_mode):

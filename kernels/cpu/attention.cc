@@ -35,9 +35,7 @@
 #include <cstring>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "common.h"
 
 // Without AVX-512 GCC notes that 64-byte vector arguments change the ABI; every function taking them is inline.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -427,7 +425,7 @@ void backward(const Dims &s, const float *q, const float *k, const float *v, con
 // ---------------------------------------------------------------------------------------------------------------
 // Argument checking and head-dim dispatch (fully unrolled d loops for the head sizes models use).
 
-bool is_f32(const char *dtype) { return dtype && std::strcmp(dtype, "float32") == 0; }
+using tav::is_f32;
 
 // Checks params[0..2] = q, k, v as (B, N, H, D) fp32 and the extra tensors listed; fills Dims.
 bool same_shape(int ndim, const int64_t *shape, int expected_ndim, const int64_t *expected) {

@@ -28,22 +28,16 @@
 #include <cstring>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "common.h"
 
 extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
                           int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
 
 namespace {
 
-#ifdef _OPENMP
-int max_threads() { return omp_get_max_threads(); }
-int thread_id() { return omp_get_thread_num(); }
-#else
-int max_threads() { return 1; }
-int thread_id() { return 0; }
-#endif
+using tav::is_f32;
+using tav::max_threads;
+using tav::thread_id;
 
 // Tuning (see conv_set_tuning): columns per band target, size cap of the unfolded buffer, backward split.
 int64_t g_band_columns = 0;           // 0 = automatic
@@ -51,7 +45,6 @@ int64_t g_buffer_bytes = 2 << 20;     // cap of one thread's unfolded band
 int g_backward_split = 0;             // 0 auto, 1 images, 2 channels
 int64_t g_partial_bytes = 64 << 20;   // cap of the private dw copies (image split)
 
-bool is_f32(const char *dtype) { return std::strcmp(dtype, "float32") == 0 || std::strcmp(dtype, "float") == 0; }
 
 struct Geometry {
   int64_t n, c, h, w, o, kh, kw, s, p, ho, wo;

@@ -15,28 +15,17 @@
 #include <cstdint>
 #include <cstring>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "common.h"
 
 extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
                           int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
 
 namespace {
 
-#ifdef _OPENMP
-int max_threads() { return omp_get_max_threads(); }
-#else
-int max_threads() { return 1; }
-#endif
+using tav::is_f32;
+using tav::max_threads;
+using tav::rows_of;
 
-bool is_f32(const char *dtype) { return std::strcmp(dtype, "float32") == 0 || std::strcmp(dtype, "float") == 0; }
-
-int64_t rows_of(int ndim, const int64_t *shape) {
-  int64_t rows = 1;
-  for (int i = 0; i + 1 < ndim; ++i) rows *= shape[i];
-  return rows;
-}
 
 // Row blocks: one per thread, at least 32 rows so tiny products stay on one thread.
 int64_t block_count(int64_t rows) {

@@ -22,19 +22,12 @@
 #include <cstring>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "common.h"
 
 namespace {
 
-#ifdef _OPENMP
-int omp_threads() { return omp_get_num_threads(); }
-int omp_thread() { return omp_get_thread_num(); }
-#else
-int omp_threads() { return 1; }
-int omp_thread() { return 0; }
-#endif
+using tav::is_f32;
+using tav::numel;
 
 // Sums with 8 independent fp32 lanes (which the compiler vectorises; a single running sum cannot be reordered
 // without -ffast-math), folded into double every 1024 elements so long rows keep fp32-level accuracy.
@@ -74,13 +67,6 @@ double lane_centred_squares(const float *p, int64_t n, float mu) {
   return total;
 }
 
-int64_t numel(int ndim, const int64_t *shape) {
-  int64_t n = 1;
-  for (int i = 0; i < ndim; ++i) n *= shape[i];
-  return n;
-}
-
-bool is_f32(const char *dtype) { return std::strcmp(dtype, "float32") == 0 || std::strcmp(dtype, "float") == 0; }
 
 // exp for fp32 without a libm call, so loops vectorise (Cephes expf: range reduction by ln 2, degree-6
 // polynomial, scaling by 2^n through the exponent bits); ~1 ulp on [-87, 88].
@@ -324,12 +310,12 @@ int layer_norm_backward(int nparam, void **params, int *ndims, int64_t **shapes,
 #pragma omp parallel
   {
 #pragma omp single
-    threads = omp_threads();
+    threads = tav::team_size();
   }
   std::vector<double> dw_part(static_cast<size_t>(threads) * d, 0.0), db_part(static_cast<size_t>(threads) * d, 0.0);
 #pragma omp parallel
   {
-    const int t = omp_thread();
+    const int t = tav::thread_id();
     double *dw_t = dw_part.data() + static_cast<int64_t>(t) * d;
     double *db_t = db_part.data() + static_cast<int64_t>(t) * d;
 #pragma omp for schedule(static)

@@ -22,6 +22,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common.h"
+
 namespace {
 
 struct AdamWScalars {
@@ -38,7 +40,7 @@ inline void adamw_element(float p, float grad, float m, float v, const AdamWScal
   *v_out = exp_avg_sq;
 }
 
-bool is_f32(const char *dtype) { return std::strcmp(dtype, "float32") == 0 || std::strcmp(dtype, "float") == 0; }
+using tav::is_f32;
 
 int adamw(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 8) return 1;
