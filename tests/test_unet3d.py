@@ -60,6 +60,66 @@ def test_one_frame_matches_diffusers_unet2d(tmp_path, ms_mode, kind, height, wid
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
+class _MSELoss(ms.nn.Cell):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def construct(self, sample, timesteps, context, target):
+        return ms.ops.mean(ms.ops.square(self.unet(sample, timesteps, context) - target))
+
+
+class _LossAndGradients(ms.nn.Cell):
+    def __init__(self, loss, weights):
+        super().__init__()
+        self.loss = loss
+        self.grad_fn = ms.value_and_grad(loss, None, weights)
+
+    def construct(self, *inputs):
+        return self.grad_fn(*inputs)
+
+
+@pytest.mark.parametrize("kind,height,width", [("sd1", 8, 8), ("sd2", 10, 14)])
+def test_one_frame_gradients_of_the_tuned_projections_match_diffusers(tmp_path, ms_mode, kind, height, width):
+    """Training parity: with the official trainable set selected (every other Linear/conv frozen, so their
+    backward is the input-only one), the MSE gradients of every attn1.to_q / attn2.to_q weight equal torch
+    autograd's through diffusers' UNet2DConditionModel. 10x14 latents make a stride-2 conv see odd sizes."""
+    torch, _ = import_parity_extra()
+    from tav.training import select_trainable
+
+    reference = write_diffusers_unet2d(tmp_path / "unet", kind)
+    unet = UNet3DConditionModel.from_pretrained_2d(str(tmp_path / "unet"))
+    zero_temporal_output(unet)
+    trainable = select_trainable(unet, ("attn1.to_q", "attn2.to_q", "attn_temp"))
+    compared = [(name, param) for name, param in trainable if ".to_q." in name and "attn_temp" not in name]
+    assert len(compared) >= 4
+
+    cfg = TINY_UNET2D_CONFIGS[kind]
+    sample = RNG.standard_normal((2, 4, height, width)).astype(np.float32)
+    target = RNG.standard_normal(sample.shape).astype(np.float32)
+    context = RNG.standard_normal((2, 7, cfg["cross_attention_dim"])).astype(np.float32)
+    timesteps = np.array([10, 781], dtype=np.int64)
+
+    reference.requires_grad_(False)
+    ref_params = dict(reference.named_parameters())
+    for name, _ in compared:
+        ref_params[name].requires_grad_(True)
+    out = reference(torch.from_numpy(sample), torch.from_numpy(timesteps), torch.from_numpy(context)).sample
+    ref_loss = torch.mean((out - torch.from_numpy(target)) ** 2)
+    ref_loss.backward()
+
+    unet.set_train(True)
+    step = _LossAndGradients(_MSELoss(unet), ms.ParameterTuple([param for _, param in compared]))
+    loss, grads = step(ms.Tensor(sample[:, :, None]), ms.Tensor(timesteps), ms.Tensor(context),
+                       ms.Tensor(target[:, :, None]))
+    assert float(loss.asnumpy()) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
+    for (name, _), grad in zip(compared, grads):
+        expected = ref_params[name].grad.numpy()
+        assert np.abs(expected).max() > 1e-4, name  # a real gradient, so the comparison can fail
+        np.testing.assert_allclose(grad.asnumpy(), expected, atol=2e-5 * np.abs(expected).max(), rtol=0,
+                                   err_msg=name)
+
+
 def test_python_number_timestep_matches_tensor_timestep(tmp_path, ms_mode):
     import_parity_extra()
     write_diffusers_unet2d(tmp_path / "unet", "sd1")
