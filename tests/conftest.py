@@ -21,12 +21,21 @@ def ms_mode(request):
     ms.set_context(mode=previous)
 
 
-@pytest.fixture
-def pynative():
+def _in_mode(mode):
     previous = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
+    ms.set_context(mode=mode)
     yield
     ms.set_context(mode=previous)
+
+
+@pytest.fixture
+def pynative():
+    yield from _in_mode(ms.PYNATIVE_MODE)
+
+
+@pytest.fixture
+def graph_mode():
+    yield from _in_mode(ms.GRAPH_MODE)
 
 
 @pytest.fixture(scope="session")

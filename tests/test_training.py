@@ -253,14 +253,6 @@ def test_step_averages_micro_steps_unscales_and_reports_the_pre_clip_norm(pynati
     assert float(model.w.asnumpy()[0]) == pytest.approx(0.3 - 1e-2 * np.sign(np.mean(grads)), rel=1e-4)
 
 
-@pytest.fixture
-def graph_mode():
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    yield
-    ms.set_context(mode=previous)
-
-
 def test_host_compiled_and_eager_updates_agree(graph_mode, monkeypatch):
     """TrainStep's three update paths -- on the host through optim.cc (CPU), op by op (CPU without the native
     kernels, fp16 masters), compiled (Ascend/GPU; tav.backend decides) -- must give the same loss, norm, weights
