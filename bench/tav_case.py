@@ -1,7 +1,7 @@
 """One tav (MindSpore) case: build the UNet3D of a bench config, time its sampling or train step.
 
 sample  one UNet call on the classifier-free-guidance batch (2B videos, one timestep), as tav.sampling.denoise
-        makes it: the UNet Cell, compiled whole in GRAPH_MODE.
+        makes it (tav.inversion.call_unet): the UNet Cell, compiled whole in GRAPH_MODE.
 train   tav.training.build_train_step (what tools/train.py runs): noise the latents, UNet forward, fp32 MSE,
         backward over the official trainable set (attn1.to_q, attn2.to_q, attn_temp) as one compiled graph, then
         unscale, clip and AdamW (eager on CPU, see tav.training.TrainStep). In PYNATIVE mode the same step runs
@@ -59,16 +59,16 @@ def inputs(config, batch, seed=0):
 
 
 def sample_step(case, config):
-    import mindspore as ms
+    from tav.inversion import call_unet
 
     unet = build_unet(case, config)
     unet.set_train(False)
     batch = 2 * config.batch
     sample, context = inputs(config, batch)
-    timestep = ms.Tensor(np.full((batch,), 500, np.int64))
 
     def step():
-        return unet(sample, timestep, context).asnumpy()
+        # as tav.sampling.denoise calls it (GRAPH_MODE: compiled ahead of the first run, then the heap trimmed)
+        return call_unet(unet, sample, 500, context).asnumpy()
 
     return step, {}
 

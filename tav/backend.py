@@ -7,6 +7,7 @@ branches on the device itself.
 import ctypes
 import os
 import sys
+import weakref
 
 import mindspore as ms
 
@@ -168,4 +169,24 @@ def release_free_host_memory():
         return False
     trim.argtypes = [ctypes.c_size_t]
     trim(0)
+    return True
+
+
+_compiled_signatures = weakref.WeakKeyDictionary()
+
+
+def compile_ahead(cell, *args):
+    """In GRAPH_MODE, compile `cell` for these arguments before it first runs on them, then give the compiler's
+    freed heap pages back (release_free_host_memory), so they are not resident beside the activations of the run
+    that follows (~60-80 MiB at the small bench config). Once per cell and argument shapes/dtypes; a no-op in
+    PYNATIVE_MODE and for anything that is not a Cell. The following call reuses the compiled graph."""
+    if ms.get_context("mode") != ms.GRAPH_MODE or not isinstance(cell, ms.nn.Cell):
+        return False
+    signature = tuple((tuple(a.shape), str(a.dtype)) if isinstance(a, ms.Tensor) else repr(a) for a in args)
+    seen = _compiled_signatures.setdefault(cell, set())
+    if signature in seen:
+        return False
+    cell.compile(*args)
+    release_free_host_memory()
+    seen.add(signature)
     return True

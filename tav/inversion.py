@@ -12,14 +12,18 @@ import mindspore as ms
 import numpy as np
 from tqdm.auto import tqdm
 
+from tav import backend
 from tav.schedulers import timestep_batch
 
 
 def call_unet(unet, sample, timestep, encoder_hidden_states):
     """unet(sample, (B,) int64 timestep Tensor, encoder_hidden_states) -> the prediction Tensor. The timestep is a
     Tensor, not a Python int, so a graph-mode UNet compiles once for all timesteps. The UNet may return a Tensor,
-    a tuple whose first item is the prediction, or an object with `.sample` (diffusers style)."""
-    output = unet(sample, timestep_batch(timestep, sample.shape[0]), encoder_hidden_states)
+    a tuple whose first item is the prediction, or an object with `.sample` (diffusers style). The first call
+    for given shapes compiles ahead and trims the heap (tav.backend.compile_ahead)."""
+    timesteps = timestep_batch(timestep, sample.shape[0])
+    backend.compile_ahead(unet, sample, timesteps, encoder_hidden_states)
+    output = unet(sample, timesteps, encoder_hidden_states)
     if isinstance(output, (tuple, list)):
         return output[0]
     return getattr(output, "sample", output)

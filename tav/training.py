@@ -412,7 +412,7 @@ class TrainStep:
     host: the gradients' and weights' numpy views (Tensor.asnumpy shares a CPU tensor's storage) go to optim.cc's
     norm and in-place AdamW kernels, ~1 ms where the same ops run eagerly took ~75 ms (the eager form remains
     for fp16 weights with fp32 masters, or without the native kernels). After the gradient graph compiles, the
-    heap's freed pages go back to the OS (tav.backend.release_free_host_memory).
+    heap's freed pages go back to the OS (tav.backend.compile_ahead).
     """
 
     def __init__(self, unet, optimizer, scheduler, scaling_factor, shift_factor=None, max_grad_norm=1.0,
@@ -424,17 +424,13 @@ class TrainStep:
         self.compiled_update = backend.compile_optimizer_update()
         self.host_update = not self.compiled_update and optimizer.host_kernels is not None
         self.update = ms.jit(self._make_update()) if self.compiled_update else self._make_update()
-        self._trimmed = False
 
     def __call__(self, mean, std, posterior_noise, noise, timesteps, context, lr, loss_scale):
         micro_steps = posterior_noise.shape[0]
         loss, grads = None, None
         for i in range(micro_steps):
             args = (mean, std, posterior_noise[i], noise[i], timesteps[i], context, loss_scale)
-            if not self._trimmed and ms.get_context("mode") == ms.GRAPH_MODE:
-                self.gradients.compile(*args)
-                backend.release_free_host_memory()
-                self._trimmed = True
+            backend.compile_ahead(self.gradients, *args)
             micro_loss, micro_grads = self.gradients(*args)
             micro_grads = tuple(g if g.dtype == ms.float32 else g.astype(ms.float32) for g in micro_grads)
             if grads is None:

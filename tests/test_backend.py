@@ -46,6 +46,23 @@ def test_free_host_memory_goes_back_to_the_os():
     assert backend.release_free_host_memory() is glibc
 
 
+class _Scale(ms.nn.Cell):
+    def construct(self, x):
+        return x * 2.0
+
+
+def test_compile_ahead_once_per_cell_and_shape_in_graph_mode_only(graph_mode):
+    cell, x = _Scale(), ms.Tensor(np.ones((2, 3), np.float32))
+    assert backend.compile_ahead(cell, x)
+    assert not backend.compile_ahead(cell, x)  # compiled already: nothing to do
+    np.testing.assert_array_equal(cell(x).asnumpy(), np.full((2, 3), 2.0, np.float32))
+    assert backend.compile_ahead(cell, ms.Tensor(np.ones((4, 3), np.float32)))  # a new shape compiles again
+    assert backend.compile_ahead(_Scale(), x)  # per cell
+    assert not backend.compile_ahead(lambda y: y, x)  # not a Cell
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    assert not backend.compile_ahead(_Scale(), x)
+
+
 def test_bf16_is_refused_off_ascend():
     assert not backend.supports_dtype(ms.bfloat16)
     assert backend.supports_dtype(ms.float16) and backend.supports_dtype(ms.float32)
