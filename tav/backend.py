@@ -4,6 +4,7 @@ Everything device-dependent asks this module: which device target MindSpore runs
 portable layer (tav/nn.py) should build with, and which attention backend `auto` resolves to. Model code never
 branches on the device itself.
 """
+import contextlib
 import ctypes
 import os
 import sys
@@ -79,27 +80,25 @@ def use_mint_ops():
     return op_flavour() == FLAVOUR_MINT
 
 
-class force_flavour:
+@contextlib.contextmanager
+def _overriding(name, value):
+    """Set the module global `name` to `value` for a with-block, restoring it after (the test switches below)."""
+    previous = globals()[name]
+    globals()[name] = value
+    try:
+        yield
+    finally:
+        globals()[name] = previous
+
+
+def force_flavour(flavour):
     """Context manager for tests: build layers with a given flavour regardless of the device.
 
     Only for checking the dispatch itself; mint layers built on CPU must not be *run* there.
     """
-
-    def __init__(self, flavour):
-        if flavour not in (FLAVOUR_MINT, FLAVOUR_CLASSIC):
-            raise ValueError(f"unknown op flavour {flavour!r}")
-        self.flavour = flavour
-
-    def __enter__(self):
-        global _forced_flavour
-        self._previous = _forced_flavour
-        _forced_flavour = self.flavour
-        return self
-
-    def __exit__(self, *exc):
-        global _forced_flavour
-        _forced_flavour = self._previous
-        return False
+    if flavour not in (FLAVOUR_MINT, FLAVOUR_CLASSIC):
+        raise ValueError(f"unknown op flavour {flavour!r}")
+    return _overriding("_forced_flavour", flavour)
 
 
 def native_kernels_enabled():
@@ -122,22 +121,9 @@ def use_native_kernel(library_name):
     return native.available(library_name)
 
 
-class force_native:
+def force_native(enabled):
     """Context manager for tests: build layers with (True) or without (False) the native CPU kernels."""
-
-    def __init__(self, enabled):
-        self.enabled = bool(enabled)
-
-    def __enter__(self):
-        global _forced_native
-        self._previous = _forced_native
-        _forced_native = self.enabled
-        return self
-
-    def __exit__(self, *exc):
-        global _forced_native
-        _forced_native = self._previous
-        return False
+    return _overriding("_forced_native", bool(enabled))
 
 
 def supports_dtype(dtype):

@@ -15,6 +15,7 @@ from mindspore.common.initializer import One, Uniform, Zero, initializer
 from tav import backend
 from tav.kernels.native_conv import Conv2dFunction, Conv2dNoBiasFunction
 from tav.kernels.native_linear import LinearFunction, LinearNoBiasFunction
+from tav.kernels.native_ops import LIBRARY as NORMS_LIBRARY
 from tav.kernels.native_ops import (GEGLUFunction, GroupNormFunction, LayerNormFunction, SwapMiddleAxesFunction,
                                     group_norm_scalars)
 
@@ -143,7 +144,7 @@ class GroupNorm(nn.Cell):
         # The compiled CPU kernel (kernels/cpu/norms.cc): statistics across folded frames without transposing,
         # SiLU fused; 1.6x faster than MindSpore's GroupNorm + Sigmoid + Mul even before the saved transposes.
         self.native = None
-        if affine and backend.use_native_kernel(native_ops_library()):
+        if affine and backend.use_native_kernel(NORMS_LIBRARY):
             self.native = GroupNormFunction(fused_silu)
 
     def construct(self, x, frames=1):
@@ -162,11 +163,6 @@ class GroupNorm(nn.Cell):
             y = ops.group_norm(grouped.astype(ms.float32), self.num_groups, weight, bias, self.eps).astype(x.dtype)
         y = unfold_frames_from_positions(y, shape, frames)
         return silu(y) if self.fused_silu else y
-
-
-def native_ops_library():
-    """The kernels/cpu source the native norms and GEGLU come from."""
-    return "norms"
 
 
 def fold_frames_into_positions(x, frames):
@@ -200,8 +196,8 @@ class LayerNorm(nn.Cell):
         if not self.use_mint:
             self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
             # The compiled CPU kernel: 6x faster than the LayerNorm op on (16 x 1024, 64) rows.
-            if backend.use_native_kernel(native_ops_library()):
-                    self.native = LayerNormFunction()
+            if backend.use_native_kernel(NORMS_LIBRARY):
+                self.native = LayerNormFunction()
 
     def construct(self, x):
         if self.use_mint:
@@ -259,7 +255,7 @@ class GatedGELU(nn.Cell):
     def __init__(self):
         super().__init__()
         self.native = None
-        if backend.use_native_kernel(native_ops_library()):
+        if backend.use_native_kernel(NORMS_LIBRARY):
             self.native = GEGLUFunction()
 
     def construct(self, projected):
@@ -277,7 +273,7 @@ class SwapMiddleAxes(nn.Cell):
 
     def __init__(self):
         super().__init__()
-        self.native = SwapMiddleAxesFunction() if backend.use_native_kernel(native_ops_library()) else None
+        self.native = SwapMiddleAxesFunction() if backend.use_native_kernel(NORMS_LIBRARY) else None
 
     def construct(self, x):
         if self.native is not None and x.dtype == ms.float32:

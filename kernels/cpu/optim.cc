@@ -41,18 +41,15 @@ inline void adamw_element(float p, float grad, float m, float v, const AdamWScal
 }
 
 using tav::is_f32;
+using tav::numel;
 
 int adamw(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 8) return 1;
   for (int i = 0; i < nparam; ++i)
     if (!is_f32(dtypes[i])) return 1;
-  int64_t n = 1;
-  for (int i = 0; i < ndims[0]; ++i) n *= shapes[0][i];
-  for (int t = 1; t < 4; ++t) {
-    int64_t m = 1;
-    for (int i = 0; i < ndims[t]; ++i) m *= shapes[t][i];
-    if (m != n) return 2;
-  }
+  const int64_t n = numel(ndims[0], shapes[0]);
+  for (int t = 1; t < 4; ++t)
+    if (numel(ndims[t], shapes[t]) != n) return 2;
   const float *p = static_cast<const float *>(params[0]);
   const float *g = static_cast<const float *>(params[1]);
   const float *m = static_cast<const float *>(params[2]);

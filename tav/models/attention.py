@@ -10,8 +10,7 @@ from mindspore import nn, ops
 from tav import backend
 from tav.kernels import AttentionKernel
 from tav.kernels.native_ops import SparseCausalContextFunction
-from tav.nn import (Conv2d, Dropout, GatedGELU, GroupNorm, LayerNorm, Linear, SwapMiddleAxes, gelu,
-                    native_ops_library)
+from tav.nn import NORMS_LIBRARY, Conv2d, Dropout, GatedGELU, GroupNorm, LayerNorm, Linear, SwapMiddleAxes, gelu
 
 
 class Attention(nn.Cell):
@@ -69,7 +68,7 @@ class SparseCausalContext(nn.Cell):
 
     def __init__(self):
         super().__init__()
-        self.native = SparseCausalContextFunction() if backend.use_native_kernel(native_ops_library()) else None
+        self.native = SparseCausalContextFunction() if backend.use_native_kernel(NORMS_LIBRARY) else None
 
     def construct(self, tokens, video_length):
         if self.native is not None and tokens.dtype == ms.float32:
