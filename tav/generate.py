@@ -3,12 +3,10 @@ sample every prompt, write the videos. tools/sample.py is a thin argument parser
 import dataclasses
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-import numpy as np
 
 from tav import video as video_io
 from tav.pipeline import PipelineError, TuneAVideoPipeline, invert_video, load_inverted_latents, resolve_dtype
@@ -100,11 +98,6 @@ def request_from_config(config_path, **overrides):
     return SampleRequest(**values)
 
 
-def output_name(prompt, index=None):
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", prompt.strip()).strip("_")[:80] or "video"
-    return stem if index is None else f"{stem}-{index}"
-
-
 def run_sampling(request, pipeline=None):
     """Serve a SampleRequest; returns the list of written files. A prebuilt `pipeline` skips loading."""
     request.validate()
@@ -132,11 +125,7 @@ def run_sampling(request, pipeline=None):
                           request.guidance_scale, request.negative_prompt, request.num_videos_per_prompt,
                           request.eta, latents=latents, seed=request.seed + p * request.num_videos_per_prompt,
                           progress=request.progress)
-        for k in range(videos.shape[0]):
-            name = output_name(prompt, k if request.num_videos_per_prompt > 1 else None)
-            for fmt in request.fmt:
-                path = os.path.join(request.output_dir, f"{name}.{fmt}")  # png: a folder <name>/ of frames
-                written.append(str(video_io.save_videos_grid(videos[k:k + 1], path, fps=request.fps, fmt=fmt)))
+        written += video_io.write_prompt_videos(videos, prompt, request.output_dir, request.fmt, request.fps)
     logger.info("sampled %d prompt(s) in %.1f s", len(request.prompts), time.time() - started)
     return written
 

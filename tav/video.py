@@ -474,6 +474,25 @@ def save_videos_grid(videos, path, n_rows=4, fps=8, fmt=None):
     return write_video(make_grid_frames(video_to_uint8(videos), n_rows=n_rows), path, fps=fps, fmt=fmt)
 
 
+def output_name(prompt, index=None):
+    """The file stem of a video sampled for `prompt` (index k when a prompt has several videos): the one naming
+    of sampled videos, for tools/sample.py and training's validation alike."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", prompt.strip()).strip("_")[:80] or "video"
+    return stem if index is None else f"{stem}-{index}"
+
+
+def write_prompt_videos(videos, prompt, output_dir, formats=("gif",), fps=8):
+    """Write each video of float (N, 3, F, H, W) in [0, 1] sampled for `prompt` as output_dir/<name>.<fmt> for every
+    format (png: a folder <name>/ of frames); with N > 1 the names end in -k. Returns the paths written."""
+    written = []
+    for k in range(videos.shape[0]):
+        name = output_name(prompt, k if videos.shape[0] > 1 else None)
+        for fmt in formats:
+            written.append(str(save_videos_grid(videos[k:k + 1], Path(output_dir) / f"{name}.{fmt}", fps=fps,
+                                                fmt=fmt)))
+    return written
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # a synthetic clip for the demo and the tests
 # ----------------------------------------------------------------------------------------------------------------
