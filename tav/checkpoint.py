@@ -9,6 +9,7 @@ import _compat_pickle
 import json
 import os
 import pickle
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -507,6 +508,45 @@ def _atomic_write(path, write_to):
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def default_directory_mode():
+    """The mode os.mkdir would give a new folder (0o777 less the umask): mkdtemp's folders are private (0o700),
+    but a checkpoint or an exported pipeline is an ordinary output folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def replace_directory_atomically(final_path, fill):
+    """Fill a new folder and put it at `final_path` in one rename, replacing any folder there.
+
+    `fill(tmp)` writes the content into a hidden temporary folder `.<name>.XXXX.tmp` beside `final_path`. An
+    existing folder is first moved aside (`.<name>.XXXX.old`) and deleted only once the new one is in place, so a
+    crash at any point leaves either the old folder, the new one, or (between the two renames) the old one under
+    the aside name -- never a half-written folder under `final_path`. A failing `fill` removes the temporary
+    folder, restores nothing it did not move and re-raises. Returns `final_path`."""
+    final_path = os.fspath(final_path)
+    parent, name = os.path.split(os.path.abspath(final_path))
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+    aside = None
+    try:
+        os.chmod(tmp, default_directory_mode())
+        fill(tmp)
+        if os.path.exists(final_path):
+            aside = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".old")
+            os.replace(final_path, os.path.join(aside, name))
+        os.replace(tmp, final_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None and not os.path.exists(final_path) and os.path.exists(os.path.join(aside, name)):
+            os.replace(os.path.join(aside, name), final_path)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return final_path
 
 
 def save_state_dict(state_dict, path, metadata=None):
