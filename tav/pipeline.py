@@ -14,6 +14,7 @@ import numpy as np
 import mindspore as ms
 
 from tav import checkpoint
+from tav.delta import apply_delta
 from tav.inversion import ddim_invert
 from tav.models import AutoencoderKL, UNet3DConditionModel
 from tav.models.vae import latents_to_video, video_to_latents
@@ -59,21 +60,30 @@ def is_tuned_unet_folder(folder):
     return config.get("_class_name") == "UNet3DConditionModel"
 
 
-def load_unet(pretrained_model_path, unet=None, dtype=ms.float32, attention_backend="auto"):
+def load_unet(pretrained_model_path, unet=None, dtype=ms.float32, attention_backend="auto", check_base=True):
     """The 3-D UNet: inflated from `<sd>/unet` (unet=None), a tuned UNet folder (its own or a pipeline folder
-    with unet/), or base + delta (`unet` a .safetensors file written by training)."""
+    with unet/), or base + delta (`unet` a .safetensors file written by training; check_base=False applies it
+    even when the base weights' fingerprint differs from the one it was trained on)."""
     if unet is None:
         base_folder = os.path.join(pretrained_model_path, "unet")
         if is_tuned_unet_folder(base_folder):  # an exported Tune-A-Video pipeline
             return UNet3DConditionModel.from_pretrained(base_folder, dtype=dtype, attention_backend=attention_backend)
         return UNet3DConditionModel.from_pretrained_2d(base_folder, dtype=dtype, attention_backend=attention_backend)
     if os.path.isfile(unet):
-        from tav.training import apply_delta
-
         model = UNet3DConditionModel.from_pretrained_2d(pretrained_model_path, attention_backend=attention_backend)
-        apply_delta(model, unet)
+        apply_delta(model, unet, check_base=check_base)
         return model.to_dtype(dtype) if dtype != ms.float32 else model
     return UNet3DConditionModel.from_pretrained(unet, dtype=dtype, attention_backend=attention_backend)
+
+
+def load_frozen_parts(pretrained_model_path, dtype=ms.float32):
+    """(vae, text_encoder, tokenizer, scheduler) of a Stable Diffusion folder: the parts tuning leaves alone
+    (training loads them here too, in its compute dtype)."""
+    vae = AutoencoderKL.from_pretrained(pretrained_model_path, dtype=dtype)
+    tokenizer = load_tokenizer(pretrained_model_path)
+    text_encoder = load_text_encoder(pretrained_model_path, dtype=dtype)
+    scheduler = DDIMScheduler.from_config(pretrained_model_path)
+    return vae, text_encoder, tokenizer, scheduler
 
 
 def file_identity(path):
@@ -104,17 +114,14 @@ class TuneAVideoPipeline:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_path, unet=None, dtype="fp32", attention_backend="auto",
-                        vae_chunk_size=8):
+                        vae_chunk_size=8, check_base=True):
         dtype = resolve_dtype(dtype)
         path = os.fspath(pretrained_model_path)
         check_pipeline_folder(path)
         if unet is not None and not os.path.exists(unet):
             raise checkpoint.CheckpointNotFoundError(f"--unet {unet!r} does not exist")
-        vae = AutoencoderKL.from_pretrained(path, dtype=dtype)
-        tokenizer = load_tokenizer(path)
-        text_encoder = load_text_encoder(path, dtype=dtype)
-        scheduler = DDIMScheduler.from_config(path)
-        unet_model = load_unet(path, unet, dtype, attention_backend)
+        vae, text_encoder, tokenizer, scheduler = load_frozen_parts(path, dtype)
+        unet_model = load_unet(path, unet, dtype, attention_backend, check_base)
         identity = {"pretrained_model_path": os.path.abspath(path), "unet": os.path.abspath(unet) if unet else None,
                     "files": file_identity(os.path.join(path, "unet")) + (file_identity(unet) if unet else []),
                     "dtype": str(dtype)}
@@ -157,7 +164,8 @@ class TuneAVideoPipeline:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         height, width = self.check_request(prompts, video_length, height, width, latents, num_videos_per_prompt)
         negatives = self.negative_prompts(negative_prompt, len(prompts))
-        shape = (1, self.unet.config.in_channels, video_length, height // 8, width // 8)
+        factor = self.vae.downscale_factor
+        shape = (1, self.unet.config.in_channels, video_length, height // factor, width // factor)
         outputs = []
         for p, (prompt, negative) in enumerate(zip(prompts, negatives)):
             cond = self.encode_text([prompt])
