@@ -4,10 +4,10 @@
     config.train_data.video_path, config.validation_data.prompts, config.learning_rate, ...
 
 Every key of the official `train_tuneavideo.py main()` is accepted, with the official defaults where a file omits
-it (reference section 2.2). Keys with no MindSpore meaning map to the nearest equivalent:
+it. Keys with no MindSpore meaning map to the nearest equivalent:
 `enable_xformers_memory_efficient_attention` picks the attention backend, `use_8bit_adam` prints a notice (tav uses
 AdamW), `mixed_precision` is honoured where the device supports it (fp16/bf16 on Ascend, fp32 on CPU; see
-tav.training.precision_plan). An unknown key, at the top level or inside train_data / validation_data, is an error
+tav.optim.precision_plan). An unknown key, at the top level or inside train_data / validation_data, is an error
 naming the key and the file. Relative paths resolve against the working directory, as in the official script.
 
 Two official keys read slightly differently: `train_batch_size` B draws B noise/timestep pairs of the clip per step
@@ -19,27 +19,35 @@ tav's own keys (all optional):
     attention_backend       auto | math | chunked | flash | native; wins over enable_xformers_memory_efficient_attention
     device_target, mode, jit_level   MindSpore context (the command line overrides them)
     checkpoints_total_limit keep only the newest k checkpoint-N folders (null: keep all, as the official)
+    overwrite_output_dir    start over in an output_dir that holds another run (its checkpoints, delta, samples and
+                            log are deleted first); without it such a run refuses
     save_full_pipeline      also write the tuned pipeline folder in diffusers layout at the end (official export)
     validation_data.negative_prompt / eta / fps / format / seed
 """
 import dataclasses
-import math
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-ATTENTION_BACKENDS = ("auto", "math", "chunked", "flash", "native")
+from tav.checks import SIZE_RULE, describe_range, in_range, is_int, is_pixel_size
+from tav.kernels import ATTENTION_BACKENDS
+from tav.video import WRITE_FORMATS
+
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-VIDEO_FORMATS = ("gif", "mp4")
-DEFAULT_TRAINABLE_MODULES = ("attn1.to_q", "attn2.to_q", "attn_temp")
+# A png "video" is a folder of frames: validation's all-prompts grid samples/step-N.png would be the folder
+# samples/step-N/ that already holds the per-prompt videos, so validation writes the file formats only.
+VALIDATION_FORMATS = tuple(fmt for fmt in WRITE_FORMATS if fmt != "png")
+DEFAULT_TRAINABLE_MODULES = ("attn1.to_q", "attn2.to_q", "attn_temp")  # the official set
 
 
 class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key and the file."""
+    """A config file or override is invalid; the message names the key and where it came from (file or command
+    line)."""
 
 
 @dataclass
@@ -110,6 +118,7 @@ class TrainConfig:
     jit_level: Optional[str] = None
     checkpoints_total_limit: Optional[int] = None
     save_full_pipeline: bool = False
+    overwrite_output_dir: bool = False
     source: str = field(default="<dict>", compare=False)  # the file it came from, for messages
 
     # -- derived values -----------------------------------------------------------------------------------------
@@ -148,12 +157,16 @@ class TrainConfig:
 def load_train_config(path, overrides=(), base_dir=None):
     """Read a training YAML, apply `key=value` overrides (dotted keys reach into train_data / validation_data),
     validate every key and value, and resolve relative paths against `base_dir` (default: the working directory).
-    Raises ConfigError naming the key and the file."""
+    Raises ConfigError naming the key and where its value came from (the file or the command line)."""
+    import yaml
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
     try:
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        with open(path, encoding="utf-8") as handle:
+            top = yaml.safe_load(handle)  # OmegaConf reads a lone scalar as a key; look at the top level first
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True) if isinstance(top, dict) else top
     except (OmegaConfBaseException, ValueError, OSError) as exc:  # yaml errors are ValueError subclasses here
         raise ConfigError(f"cannot parse config file {path!r}: {exc}") from None
     except Exception as exc:  # yaml.YAMLError and friends
@@ -161,23 +174,29 @@ def load_train_config(path, overrides=(), base_dir=None):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides, path)
-    return config_from_dict(raw, source=path, base_dir=base_dir)
+        raise ConfigError(f"{path}: expected a mapping of keys (key: value lines) at the top level, got a "
+                          f"{type(raw).__name__} ({raw!r:.60})")
+    raw, overridden = apply_overrides(raw, overrides), override_keys(overrides)
+    return config_from_dict(raw, source=path, base_dir=base_dir, overridden=overridden)
 
 
-def apply_overrides(raw, overrides, source="config"):
+def override_keys(overrides):
+    """{dotted key: "key=value" as typed} of the command-line overrides."""
+    return {item.split("=", 1)[0].strip(): item for item in overrides or ()}
+
+
+def apply_overrides(raw, overrides):
     """`raw` with each "a.b=value" applied (value parsed as YAML: 3e-5, true, [a, b] ...)."""
     overrides = list(overrides or ())
     if not overrides:
         return raw
     for item in overrides:
         if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. max_train_steps=300)")
+            raise ConfigError(f"command line: override {item!r} must look like key=value (e.g. max_train_steps=300)")
     try:
         dotlist = OmegaConf.to_container(OmegaConf.from_dotlist(overrides), resolve=True)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from None
+        raise ConfigError(f"command line: cannot parse overrides {overrides}: {exc}") from None
     merged = dict(raw)
     for key, value in dotlist.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
@@ -187,26 +206,42 @@ def apply_overrides(raw, overrides, source="config"):
     return merged
 
 
-def config_from_dict(raw, source="<dict>", base_dir=None):
-    """Validate a plain dict (as read from YAML) into a TrainConfig; see load_train_config."""
+class _Origins:
+    """Where each key's value came from, for messages: the file, or the command-line override that set it."""
+
+    def __init__(self, source, overridden=None):
+        self.source, self.overridden = source, dict(overridden or {})
+
+    def __call__(self, key):
+        for candidate in (key, key.split(".")[0]):
+            if candidate in self.overridden:
+                return f"command line ({self.overridden[candidate]})"
+        return self.source
+
+    def fail(self, key, expected, value):
+        raise ConfigError(f"{self(key)}: {key} must be {expected}, got {value!r}")
+
+
+def config_from_dict(raw, source="<dict>", base_dir=None, overridden=None):
+    """Validate a plain dict (as read from YAML) into a TrainConfig; see load_train_config. `overridden` maps the
+    dotted keys set on the command line to the override as typed (their errors name it, not the file)."""
+    origin = _Origins(source, overridden)
     raw = dict(raw)
-    top = _known_fields(TrainConfig) - {"source"}
-    _reject_unknown(raw, top, "", source)
+    _reject_unknown(raw, _known_fields(TrainConfig) - {"source"}, "", origin)
     for required in ("pretrained_model_path", "output_dir", "train_data", "validation_data"):
         if raw.get(required) is None:
             raise ConfigError(f"{source}: required key {required!r} is missing")
 
-    train_data = _section(raw["train_data"], TrainData, "train_data", source)
-    validation_data = _section(raw["validation_data"], ValidationData, "validation_data", source)
+    train_data = _section(raw["train_data"], TrainData, "train_data", origin)
+    validation_data = _section(raw["validation_data"], ValidationData, "validation_data", origin)
     values = {k: v for k, v in raw.items() if k not in ("train_data", "validation_data")}
-    checked = {}
     if values.get("mixed_precision") is False:  # YAML 1.1 reads the official value `no` as false
         values["mixed_precision"] = "no"
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in values:
-            checked[f.name] = _check_value(f.name, values[f.name], _FIELD_TYPES[f.name], source)
+    kinds = _field_kinds(TrainConfig)
+    checked = {f.name: _check_value(f.name, values[f.name], kinds[f.name], origin)
+               for f in dataclasses.fields(TrainConfig) if f.name in values}
     config = TrainConfig(train_data=train_data, validation_data=validation_data, source=source, **checked)
-    _check_ranges(config)
+    _check_ranges(config, origin)
     _resolve_paths(config, base_dir)
     return config
 
@@ -215,115 +250,118 @@ def _known_fields(cls):
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def _reject_unknown(raw, known, prefix, source):
-    unknown = sorted(k for k in raw if k not in known)
+def _reject_unknown(raw, known, prefix, origin):
+    unknown = sorted(str(k) for k in raw if k not in known)
     if unknown:
-        key = prefix + str(unknown[0])
-        more = f" (and {', '.join(prefix + str(k) for k in unknown[1:])})" if len(unknown) > 1 else ""
+        key = prefix + unknown[0]
+        more = f" (and {', '.join(prefix + k for k in unknown[1:])})" if len(unknown) > 1 else ""
         raise ConfigError(
-            f"{source}: unknown key {key!r}{more}; known keys{' of ' + prefix[:-1] if prefix else ''}: "
+            f"{origin(key)}: unknown key {key!r}{more}; known keys{' of ' + prefix[:-1] if prefix else ''}: "
             f"{', '.join(sorted(known))}"
         )
 
 
-def _section(raw, cls, name, source):
+def _section(raw, cls, name, origin):
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {name} must be a mapping of keys, got {raw!r}")
-    _reject_unknown(raw, _known_fields(cls), name + ".", source)
+        raise ConfigError(f"{origin(name)}: {name} must be a mapping of keys, got {raw!r}")
+    _reject_unknown(raw, _known_fields(cls), name + ".", origin)
+    kinds = _field_kinds(cls)
     values = {}
     for f in dataclasses.fields(cls):
         if f.name in raw:
-            values[f.name] = _check_value(f"{name}.{f.name}", raw[f.name], _FIELD_TYPES[f"{name}.{f.name}"], source)
+            values[f.name] = _check_value(f"{name}.{f.name}", raw[f.name], kinds[f.name], origin)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{source}: required key {name}.{f.name} is missing")
+            raise ConfigError(f"{origin.source}: required key {name}.{f.name} is missing")
     return cls(**values)
 
 
-# Expected kinds: "int", "float", "bool", "str", "str_list", with "?" for "may be null".
-_FIELD_TYPES = {
-    "pretrained_model_path": "str", "output_dir": "str", "validation_steps": "int", "trainable_modules": "str_list",
-    "train_batch_size": "int", "max_train_steps": "int", "learning_rate": "float", "scale_lr": "bool",
-    "lr_scheduler": "str", "lr_warmup_steps": "int", "adam_beta1": "float", "adam_beta2": "float",
-    "adam_weight_decay": "float", "adam_epsilon": "float", "max_grad_norm": "float",
-    "gradient_accumulation_steps": "int", "gradient_checkpointing": "bool", "checkpointing_steps": "int",
-    "resume_from_checkpoint": "str?", "mixed_precision": "str?", "use_8bit_adam": "bool",
-    "enable_xformers_memory_efficient_attention": "bool", "seed": "int?", "attention_backend": "str?",
-    "device_target": "str?", "mode": "int", "jit_level": "str?", "checkpoints_total_limit": "int?",
-    "save_full_pipeline": "bool",
-    "train_data.video_path": "str", "train_data.prompt": "str", "train_data.width": "int",
-    "train_data.height": "int", "train_data.n_sample_frames": "int", "train_data.sample_start_idx": "int",
-    "train_data.sample_frame_rate": "int",
-    "validation_data.prompts": "str_list", "validation_data.video_length": "int?", "validation_data.width": "int?",
-    "validation_data.height": "int?", "validation_data.num_inference_steps": "int",
-    "validation_data.guidance_scale": "float", "validation_data.use_inv_latent": "bool",
-    "validation_data.num_inv_steps": "int", "validation_data.negative_prompt": "str?", "validation_data.eta": "float",
-    "validation_data.fps": "int", "validation_data.format": "str", "validation_data.seed": "int?",
-}
+def _field_kinds(cls):
+    """{field: (type, nullable)} from the dataclass annotations: int, float, bool, str or list (of str)."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        nullable = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+        if nullable:
+            hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+        kinds[name] = (typing.get_origin(hint) or hint, nullable)
+    return kinds
 
 
-def _check_value(key, value, kind, source):
-    nullable = kind.endswith("?")
-    kind = kind.rstrip("?")
+def _check_value(key, value, kind, origin):
+    kind, nullable = kind
     if value is None:
         if nullable:
             return None
-        raise ConfigError(f"{source}: {key} must not be null")
+        raise ConfigError(f"{origin(key)}: {key} must not be null")
 
     def fail(expected):
-        raise ConfigError(f"{source}: {key} must be {expected}, got {value!r}")
+        origin.fail(key, expected, value)
 
-    if kind == "bool":
+    if kind is bool:
         if not isinstance(value, bool):
             fail("true or false")
         return value
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
+    if kind is int:
+        if not is_int(value):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             fail("an integer")
-        return value
-    if kind == "float":
+        return int(value)
+    if kind is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string; accept what it means
             try:
-                number = float(value)
+                value = float(value)
             except ValueError:
-                number = None
-            if number is None:
                 fail("a number")
-            value = number
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not in_range(value):
             fail("a finite number")
         return float(value)
-    if kind == "str":
+    if kind is str:
         if not isinstance(value, str):
             fail("a string")
         return value
-    if kind == "str_list":
+    if kind is list:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             fail("a list of strings")
         return list(value)
-    raise AssertionError(kind)
+    raise AssertionError(f"{key}: no check for {kind}")
 
 
-def _check_ranges(config):
-    src = config.source
+# Finite ranges of the numeric keys: key -> in_range arguments (low, high, low_open, high_open).
+_RANGES = {
+    "validation_steps": (1,), "train_batch_size": (1,), "max_train_steps": (1,), "gradient_accumulation_steps": (1,),
+    "checkpointing_steps": (1,), "lr_warmup_steps": (0,),
+    "learning_rate": (0, None, True), "adam_beta1": (0, 1, False, True), "adam_beta2": (0, 1, False, True),
+    "adam_weight_decay": (0,), "adam_epsilon": (0, None, True), "max_grad_norm": (0, None, True),
+    "train_data.n_sample_frames": (1,), "train_data.sample_start_idx": (0,), "train_data.sample_frame_rate": (1,),
+    "validation_data.video_length": (1,), "validation_data.num_inference_steps": (1,),
+    "validation_data.num_inv_steps": (1,), "validation_data.guidance_scale": (),
+    "validation_data.eta": (0, 1), "validation_data.fps": (0, None, True),
+}
 
+
+def _get(config, key):
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _check_ranges(config, origin):
     def need(ok, key, expected, value):
         if not ok:
-            raise ConfigError(f"{src}: {key} must be {expected}, got {value!r}")
+            origin.fail(key, expected, value)
 
-    for key in ("validation_steps", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
-                "checkpointing_steps"):
-        need(getattr(config, key) >= 1, key, "at least 1", getattr(config, key))
-    need(config.lr_warmup_steps >= 0, "lr_warmup_steps", "0 or more", config.lr_warmup_steps)
-    need(config.learning_rate > 0, "learning_rate", "positive", config.learning_rate)
-    for key in ("adam_beta1", "adam_beta2"):
-        need(0.0 <= getattr(config, key) < 1.0, key, "in [0, 1)", getattr(config, key))
-    need(config.adam_weight_decay >= 0, "adam_weight_decay", "0 or more", config.adam_weight_decay)
-    need(config.adam_epsilon >= 0, "adam_epsilon", "0 or more", config.adam_epsilon)
-    need(config.max_grad_norm > 0, "max_grad_norm", "positive", config.max_grad_norm)
+    for key, bounds in _RANGES.items():
+        value = _get(config, key)
+        if value is None:  # nullable keys (validation_data.video_length): "as the training clip"
+            continue
+        low, high, low_open, high_open = (tuple(bounds) + (None, None, False, False)[len(bounds):])
+        if not in_range(value, low, high, low_open, high_open):
+            integer = is_int(value) and low is not None and high is None and not low_open
+            need(False, key, "at least 1" if integer and low == 1 else "0 or more" if integer and low == 0 else
+                 describe_range(low, high, low_open, high_open), value)
     need(config.lr_scheduler in LR_SCHEDULERS, "lr_scheduler", f"one of {', '.join(LR_SCHEDULERS)}",
          config.lr_scheduler)
     if config.mixed_precision is None:
@@ -340,28 +378,21 @@ def _check_ranges(config):
     need(config.jit_level in (None, "O0", "O1", "O2"), "jit_level", "O0, O1 or O2", config.jit_level)
     need(config.checkpoints_total_limit is None or config.checkpoints_total_limit >= 1, "checkpoints_total_limit",
          "at least 1 (or null)", config.checkpoints_total_limit)
+    need(not (config.overwrite_output_dir and config.resume_from_checkpoint), "overwrite_output_dir",
+         "false when resume_from_checkpoint is set (resume continues the run in output_dir, overwrite deletes it)",
+         config.overwrite_output_dir)
 
     data = config.train_data
     for key in ("width", "height"):
-        value = getattr(data, key)
-        need(value >= 8 and value % 8 == 0, f"train_data.{key}", "a positive multiple of 8", value)
-    need(data.n_sample_frames >= 1, "train_data.n_sample_frames", "at least 1", data.n_sample_frames)
-    need(data.sample_start_idx >= 0, "train_data.sample_start_idx", "0 or more", data.sample_start_idx)
-    need(data.sample_frame_rate >= 1, "train_data.sample_frame_rate", "at least 1", data.sample_frame_rate)
+        need(is_pixel_size(getattr(data, key)), f"train_data.{key}", SIZE_RULE, getattr(data, key))
     need(bool(data.prompt.strip()), "train_data.prompt", "a non-empty string", data.prompt)
 
     val = config.validation_data
     for key in ("width", "height"):
         value = getattr(val, key)
-        need(value is None or (value >= 8 and value % 8 == 0), f"validation_data.{key}", "a positive multiple of 8",
-             value)
-    need(val.video_length is None or val.video_length >= 1, "validation_data.video_length", "at least 1",
-         val.video_length)
-    need(val.num_inference_steps >= 1, "validation_data.num_inference_steps", "at least 1", val.num_inference_steps)
-    need(val.num_inv_steps >= 1, "validation_data.num_inv_steps", "at least 1", val.num_inv_steps)
-    need(val.eta >= 0, "validation_data.eta", "0 or more", val.eta)
-    need(val.fps >= 1, "validation_data.fps", "at least 1", val.fps)
-    need(val.format in VIDEO_FORMATS, "validation_data.format", f"one of {', '.join(VIDEO_FORMATS)}", val.format)
+        need(value is None or is_pixel_size(value), f"validation_data.{key}", SIZE_RULE, value)
+    need(val.format in VALIDATION_FORMATS, "validation_data.format", f"one of {', '.join(VALIDATION_FORMATS)}",
+         val.format)
     if val.use_inv_latent:
         length = val.video_length or data.n_sample_frames
         # The inverted latent is the training clip's: sampling from it fixes the frame count (official shape check).
