@@ -82,4 +82,6 @@ def get_config(name):
 
 def trainable_module_suffixes():
     """The official Tune-A-Video trainable set (train_tuneavideo.py's default `trainable_modules`)."""
-    return ("attn1.to_q", "attn2.to_q", "attn_temp")
+    from tav.config import DEFAULT_TRAINABLE_MODULES
+
+    return DEFAULT_TRAINABLE_MODULES

@@ -2,9 +2,9 @@
 
 sample  one UNet call on the classifier-free-guidance batch (2B videos, one timestep), as tav.sampling.denoise
         makes it (tav.inversion.call_unet): the UNet Cell, compiled whole in GRAPH_MODE.
-train   tav.training.build_train_step (what tools/train.py runs): noise the latents, UNet forward, fp32 MSE,
+train   tav.train_step.TrainStep (what tools/train.py runs): noise the latents, UNet forward, fp32 MSE,
         backward over the official trainable set (attn1.to_q, attn2.to_q, attn_temp) as one compiled graph, then
-        unscale, clip and AdamW (eager on CPU, see tav.training.TrainStep). In PYNATIVE mode the same step runs
+        unscale, clip and AdamW (on the host on CPU, see tav.train_step). In PYNATIVE mode the same step runs
         op by op.
         If tav.training cannot be imported, a stand-in (value_and_grad + nn.AdamWeightDecay) is timed and the
         result says so.
@@ -104,15 +104,16 @@ def train_step(case, config):
             "trainable_params": int(sum(np.prod(p.shape) for _, p in trainable))}
     try:
         from tav.schedulers import SD_V1_SCHEDULE, DDIMScheduler
-        from tav.training import AdamW, build_train_step
+        from tav.optim import AdamW
+        from tav.train_step import TrainStep
     except ImportError as exc:
         info["train_impl"] = f"bench stand-in (tav.training not importable: {exc})"
         return _stand_in_train_step(case, unet, trainable, latent_shape, context), info
 
     optimizer = AdamW(trainable, weight_decay=1e-2)
     scheduler = DDIMScheduler(**SD_V1_SCHEDULE)
-    step_fn = build_train_step(unet, optimizer, scheduler, VAE_SCALING_FACTOR, None, 1.0, ms.float32)
-    info["train_impl"] = "tav.training.build_train_step"
+    step_fn = TrainStep(unet, optimizer, scheduler, VAE_SCALING_FACTOR, None, 1.0, ms.float32)
+    info["train_impl"] = "tav.train_step.TrainStep"
     mean = ms.Tensor(rng.standard_normal((1,) + latent_shape[1:], dtype=np.float32))
     std = ms.Tensor(np.full((1,) + latent_shape[1:], 0.1, np.float32))
     posterior_noise = ms.Tensor(rng.standard_normal((1,) + latent_shape, dtype=np.float32))

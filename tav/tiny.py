@@ -454,7 +454,8 @@ def run_demo(demo_dir=DEMO_DIR, config_path=None):
     if config_path is not None:
         overrides = [f"pretrained_model_path={model}", f"train_data.video_path={clip}",
                      f"output_dir={os.path.join(demo_dir, 'tuned')}",
-                     "validation_data.prompts=[]"]  # sampling below, with the delta, instead
+                     "validation_data.prompts=[]",  # sampling below, with the delta, instead
+                     "overwrite_output_dir=true"]  # each demo starts over
         result = train(load_train_config(config_path, overrides))
         written.append(result.delta_path)
         request = demo_sample_request(demo_dir, unet=result.delta_path)

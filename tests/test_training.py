@@ -1,6 +1,7 @@
 """One-shot tuning: what trains, the optimiser and schedules against PyTorch/diffusers, the compiled step (gradients
-with and without recompute, overflow skipping, fp16 master weights), and whole runs on a real clip: the loss falls,
-only the intended tensors change, the delta reproduces the tuned model, resume reproduces the loss sequence."""
+with and without recompute, overflow skipping, fp16 master weights), and whole runs on a generated clip: the loss
+falls, only the intended tensors change, the delta reproduces the tuned model, resume reproduces the loss sequence,
+and a run refuses to mix with another run's outputs."""
 import dataclasses
 import json
 import os
@@ -11,10 +12,11 @@ import pytest
 
 import mindspore as ms
 
-from tav import checkpoint, tiny, training
+from tav import checkpoint, delta, optim, tiny, train_state, train_step, training
 from tav.config import ConfigError, config_from_dict
 from tav.models.unet3d import UNet3DConditionModel, is_temporal_key
 from tav.schedulers import DDIMScheduler
+from tav.video import make_demo_clip, output_name
 from tests.conftest import import_parity_extra
 
 OFFICIAL_MODULES = ["attn1.to_q", "attn2.to_q", "attn_temp"]
@@ -25,12 +27,21 @@ SMALL_UNET = dict(tiny.TINY_UNET_CONFIG, block_out_channels=[32], down_block_typ
                   up_block_types=["CrossAttnUpBlock2D"])
 
 
-@pytest.fixture(autouse=True)
-def restore_context():
-    """train() sets the execution mode from its config; put the previous one back."""
-    mode = ms.get_context("mode")
+@pytest.fixture(scope="module")
+def graph_mode_module():
+    """train() leaves the execution mode to its caller (tools/train.py sets it from the config); these runs use
+    GRAPH_MODE, as the CLI does by default."""
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)
     yield
-    ms.set_context(mode=mode)
+    ms.set_context(mode=previous)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """A generated 16-frame 64x64 clip (a disc moving over a drifting gradient): the runs need nothing beside the
+    repository."""
+    return make_demo_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", n_frames=16, height=64, width=64, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +107,13 @@ def test_trainable_modules_matching_nothing_is_an_error():
 
 
 def test_precision_plan_uses_fp16_with_loss_scaling_on_ascend_and_fp32_on_cpu():
-    assert training.precision_plan("fp16", "Ascend") == training.PrecisionPlan(ms.float16, True)
-    assert training.precision_plan("bf16", "Ascend") == training.PrecisionPlan(ms.bfloat16, False)
-    assert training.precision_plan("no", "Ascend") == training.PrecisionPlan(ms.float32, False)
-    cpu = training.precision_plan("fp16", "CPU")
+    assert optim.precision_plan("fp16", "Ascend") == optim.PrecisionPlan(ms.float16, True)
+    assert optim.precision_plan("bf16", "Ascend") == optim.PrecisionPlan(ms.bfloat16, False)
+    assert optim.precision_plan("no", "Ascend") == optim.PrecisionPlan(ms.float32, False)
+    cpu = optim.precision_plan("fp16", "CPU")
     assert (cpu.compute_dtype, cpu.loss_scaling) == (ms.float32, False) and "fp32" in cpu.notice
-    assert training.precision_plan("bf16", "GPU").compute_dtype == ms.float32
-    assert training.precision_plan("no", "CPU").notice == ""
+    assert optim.precision_plan("bf16", "GPU").compute_dtype == ms.float32
+    assert optim.precision_plan("no", "CPU").notice == ""
 
 
 @pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
@@ -117,20 +128,20 @@ def test_learning_rates_follow_diffusers_get_scheduler(name):
     config = run_config("/nonexistent", "/tmp", "/tmp/clip.mp4", lr_scheduler=name, lr_warmup_steps=warmup,
                         max_train_steps=total, learning_rate=base)
     for step in range(total):
-        assert training.learning_rate_at(config, step) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9,
+        assert optim.learning_rate_at(config, step) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9,
                                                                          abs=1e-15)
         optimizer.step()
         scheduler.step()
 
 
 def test_dynamic_loss_scale_halves_on_overflow_and_grows_after_a_window():
-    scale = training.DynamicLossScale(scale=1024.0, growth_interval=3)
+    scale = optim.DynamicLossScale(scale=1024.0, growth_interval=3)
     scale.update(False)
     assert scale.scale == 512.0
     for _ in range(3):
         scale.update(True)
     assert scale.scale == 1024.0
-    assert training.DynamicLossScale(enabled=False).scale == 1.0
+    assert optim.DynamicLossScale(enabled=False).scale == 1.0
 
 
 def test_adamw_matches_torch_adamw(pynative):
@@ -141,7 +152,7 @@ def test_adamw_matches_torch_adamw(pynative):
     lrs = [3e-2, 3e-2, 1e-2, 2e-2, 5e-3, 1e-2]
 
     params = [(f"p{i}", ms.Parameter(ms.Tensor(w), name=f"p{i}")) for i, w in enumerate(start)]
-    optimizer = training.AdamW(params, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+    optimizer = optim.AdamW(params, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 
     @ms.jit
     def step(g, lr):
@@ -167,8 +178,8 @@ def test_gradient_clipping_matches_torch_clip_grad_norm(pynative, scale):
     torch, _ = import_parity_extra()
     rng = np.random.default_rng(1)
     grads = [(scale * rng.standard_normal(shape)).astype(np.float32) for shape in ((4, 3), (7,))]
-    norm = training.global_norm([ms.Tensor(g) for g in grads])
-    clipped = training.clip_by_global_norm([ms.Tensor(g) for g in grads], 1.0, norm)
+    norm = optim.global_norm([ms.Tensor(g) for g in grads])
+    clipped = optim.clip_by_global_norm([ms.Tensor(g) for g in grads], 1.0, norm)
     reference = [torch.nn.Parameter(torch.zeros(g.shape)) for g in grads]
     for param, g in zip(reference, grads):
         param.grad = torch.from_numpy(g.copy())
@@ -205,13 +216,13 @@ def prepared_unet(pipeline, recompute, dtype=ms.float32):
             param.set_data(ms.Tensor((0.1 * rng.standard_normal(param.shape)).astype(np.float32)))
     trainable = training.select_trainable(unet, OFFICIAL_MODULES)
     initial = {name: param.asnumpy().copy() for name, param in trainable}
-    training.cast_parameters(unet, dtype)
+    unet.to_dtype(dtype)
     if recompute:
         unet.enable_gradient_checkpointing()
-    optimizer = training.AdamW(trainable, weight_decay=0.0)  # no decay: a tensor moves only if it has a gradient
+    optimizer = optim.AdamW(trainable, weight_decay=0.0)  # no decay: a tensor moves only if it has a gradient
     optimizer.load_master(initial)
-    step = training.build_train_step(unet, optimizer, DDIMScheduler.from_config(pipeline), 0.18215,
-                                     compute_dtype=dtype)
+    step = train_step.TrainStep(unet, optimizer, DDIMScheduler.from_config(pipeline), 0.18215,
+                                compute_dtype=dtype)
     return unet, optimizer, step, initial
 
 
@@ -228,9 +239,9 @@ class ScaleModel(ms.nn.Cell):
 
 def test_step_averages_micro_steps_unscales_and_reports_the_pre_clip_norm(pynative):
     model = ScaleModel()
-    optimizer = training.AdamW([("w", model.w)], weight_decay=0.0)
+    optimizer = optim.AdamW([("w", model.w)], weight_decay=0.0)
     scheduler = DDIMScheduler()
-    step = training.build_train_step(model, optimizer, scheduler, scaling_factor=0.5, max_grad_norm=1e-3)
+    step = train_step.TrainStep(model, optimizer, scheduler, scaling_factor=0.5, max_grad_norm=1e-3)
     rng = np.random.default_rng(0)
     latent = (1, 4, 2, 2, 2)
     mean, std = rng.standard_normal(latent).astype(np.float32), np.full(latent, 0.2, np.float32)
@@ -265,14 +276,14 @@ def test_host_compiled_and_eager_updates_agree(graph_mode, monkeypatch):
                                      np.zeros((1, 77, 8), np.float32))]
     runs = {}
     for path in ("host", "eager", "compiled"):
-        monkeypatch.setattr(training.backend, "compile_optimizer_update", lambda path=path: path == "compiled")
+        monkeypatch.setattr(train_step.backend, "compile_optimizer_update", lambda path=path: path == "compiled")
         model = ScaleModel()
-        optimizer = training.AdamW([("w", model.w)], weight_decay=0.01)
+        optimizer = optim.AdamW([("w", model.w)], weight_decay=0.01)
         if path == "host":
             assert optimizer.host_kernels is not None  # CPU with the native kernels: the default path here
         else:
             optimizer.host_kernels = None
-        step = training.build_train_step(model, optimizer, DDIMScheduler(), scaling_factor=0.5, max_grad_norm=0.1)
+        step = train_step.TrainStep(model, optimizer, DDIMScheduler(), scaling_factor=0.5, max_grad_norm=0.1)
         assert (step.host_update, step.compiled_update) == (path == "host", path == "compiled")
         results = []
         for _ in range(2):
@@ -297,14 +308,14 @@ def test_host_update_matches_torch_clip_and_adamw(pynative):
     shapes = [(6, 5), (7,), (3, 4, 2)]
     initial = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     params = [ms.Parameter(ms.Tensor(a.copy()), name=f"p{i}") for i, a in enumerate(initial)]
-    optimizer = training.AdamW([(p.name, p) for p in params], weight_decay=0.05)
+    optimizer = optim.AdamW([(p.name, p) for p in params], weight_decay=0.05)
     assert optimizer.host_kernels is not None
     ref = [torch.tensor(a.copy(), requires_grad=True) for a in initial]
     ref_optimizer = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.05)
     for step in range(3):
         scale = 2.0 ** (4 + step)
         grads = [(rng.standard_normal(s) * scale).astype(np.float32) for s in shapes]
-        finite, norm = training.update_on_host(optimizer, [g.copy() for g in grads], np.float32(scale), 1e-2, 0.5)
+        finite, norm = train_step.update_on_host(optimizer, [g.copy() for g in grads], np.float32(scale), 1e-2, 0.5)
         for p, g in zip(ref, grads):
             p.grad = torch.tensor(g) / scale
         ref_norm = torch.nn.utils.clip_grad_norm_(ref, 0.5)
@@ -350,19 +361,17 @@ def test_fp16_step_keeps_fp32_master_weights(small_pipeline):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Whole runs on a real clip
+# Whole runs on a generated clip
 
 
 @pytest.fixture(scope="module")
-def tuned(small_pipeline, shared_data, tmp_path_factory):
-    """24 steps on 4 frames of man-skiing.mp4 at 64x64, checkpoints at 12 and 24, validation at the end."""
+def tuned(small_pipeline, clip, graph_mode_module, tmp_path_factory):
+    """24 steps on 4 frames of the generated clip at 64x64, checkpoints at 12 and 24, validation at the end."""
     out = tmp_path_factory.mktemp("run")
-    config = run_config(small_pipeline, out, shared_data / "man-skiing.mp4",
+    config = run_config(small_pipeline, out, clip,
                         validation_data=dict(prompts=["a bear is skiing", "a man is skiing, cartoon style"]))
     before = checkpoint.cell_state_dict(UNet3DConditionModel.from_pretrained_2d(small_pipeline))
-    previous = ms.get_context("mode")
     result = training.train(config)
-    ms.set_context(mode=previous)
     return config, result, before
 
 
@@ -385,12 +394,12 @@ def test_only_the_trainable_tensors_change(tuned):
 def test_run_writes_log_checkpoints_delta_and_samples(tuned):
     config, result, _ = tuned
     out = config.output_dir
-    assert [os.path.basename(p) for _, p in training.list_checkpoints(out)] == ["checkpoint-12", "checkpoint-24"]
+    assert [os.path.basename(p) for _, p in train_state.list_checkpoints(out)] == ["checkpoint-12", "checkpoint-24"]
     assert result.delta_path == os.path.join(out, "unet_delta.safetensors")
     assert os.path.getsize(result.delta_path) < 2_000_000
     assert os.path.isfile(os.path.join(out, "inv_latents", "ddim_latent-24.safetensors"))
-    for name in ("a bear is skiing.gif", "a man is skiing, cartoon style.gif"):
-        assert os.path.isfile(os.path.join(out, "samples", "step-24", name))
+    for prompt in ("a bear is skiing", "a man is skiing, cartoon style"):  # named as tools/sample.py names them
+        assert os.path.isfile(os.path.join(out, "samples", "step-24", f"{output_name(prompt)}.gif"))
     assert os.path.isfile(os.path.join(out, "samples", "step-24.gif"))
     with open(result.log_path, encoding="utf-8") as handle:
         log = handle.read()
@@ -405,7 +414,7 @@ def test_delta_reproduces_the_tuned_model_exactly(tuned, small_pipeline):
 
     ms.set_seed(12345)  # a different temporal init than training's: the delta must override all of it
     loaded = load_unet(small_pipeline, unet=result.delta_path)  # what tools/sample.py --unet does
-    _, metadata = training.read_delta(result.delta_path)
+    _, metadata = delta.read_delta(result.delta_path)
     assert json.loads(metadata["tav_step"]) == 24
     rng = np.random.default_rng(5)
     sample = ms.Tensor(rng.standard_normal((1, 4, 4, 8, 8)).astype(np.float32))
@@ -420,29 +429,28 @@ def test_delta_refuses_a_different_base_model(tuned, small_pipeline, tmp_path):
     param = dict(other.parameters_and_names())["conv_in.weight"]
     param.set_data(param + 1.0)
     with pytest.raises(checkpoint.CheckpointMismatchError, match="other base weights"):
-        training.apply_delta(other, result.delta_path)
+        delta.apply_delta(other, result.delta_path)
     wrong_shape = UNet3DConditionModel(dict(SMALL_UNET, cross_attention_dim=16))
     with pytest.raises(checkpoint.CheckpointMismatchError, match="architecture"):
-        training.apply_delta(wrong_shape, result.delta_path)
+        delta.apply_delta(wrong_shape, result.delta_path)
     not_a_delta = tmp_path / "plain.safetensors"
     checkpoint.save_state_dict({"x": np.zeros(2, np.float32)}, not_a_delta)
     with pytest.raises(checkpoint.CheckpointError, match="not a tav UNet delta"):
-        training.apply_delta(other, not_a_delta)
+        delta.apply_delta(other, not_a_delta)
 
 
-def test_resume_reproduces_the_uninterrupted_loss_sequence(tuned, small_pipeline, shared_data, tmp_path):
+def test_resume_reproduces_the_uninterrupted_loss_sequence(tuned, small_pipeline, clip, tmp_path):
     config, result, _ = tuned
     out = tmp_path / "resumed"
     out.mkdir()
     shutil.copytree(os.path.join(config.output_dir, "checkpoint-12"), out / "checkpoint-12")
-    resumed_config = run_config(small_pipeline, out, shared_data / "man-skiing.mp4",
-                                resume_from_checkpoint="latest", checkpoints_total_limit=1)
+    resumed_config = run_config(small_pipeline, out, clip, resume_from_checkpoint="latest", checkpoints_total_limit=1)
     resumed = training.train(resumed_config)
     assert resumed.losses[:12] == result.losses[:12]  # carried over from the checkpoint
     np.testing.assert_array_equal(np.array(resumed.losses[12:]), np.array(result.losses[12:]))
-    assert [os.path.basename(p) for _, p in training.list_checkpoints(out)] == ["checkpoint-24"]
-    tuned_tensors, _ = training.read_delta(result.delta_path)
-    resumed_tensors, _ = training.read_delta(resumed.delta_path)
+    assert [os.path.basename(p) for _, p in train_state.list_checkpoints(out)] == ["checkpoint-24"]
+    tuned_tensors, _ = delta.read_delta(result.delta_path)
+    resumed_tensors, _ = delta.read_delta(resumed.delta_path)
     assert all(np.array_equal(tuned_tensors[k], resumed_tensors[k]) for k in tuned_tensors)
 
 
@@ -450,33 +458,59 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(tuned, small_pipeline
 # Bad input
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_pipeline, shared_data, tmp_path, monkeypatch):
+class FakeStep:
+    """Stands in for TrainStep: loss 1.0 every update except a NaN at update `nan_at`."""
+
+    def __init__(self, nan_at):
+        self.calls = 0
+        self.nan_at = nan_at
+
+    def __call__(self, *unet_args, **kwargs):
+        return self
+
+    def step(self, *inputs):
+        self.calls += 1
+        loss = float("nan") if self.calls == self.nan_at else 1.0
+        return ms.Tensor(loss, ms.float32), ms.Tensor(np.isfinite(loss)), ms.Tensor(0.5, ms.float32)
+
+
+def fake_train_step(monkeypatch, nan_at):
+    fake = FakeStep(nan_at)
+    monkeypatch.setattr(training, "TrainStep", lambda *args, **kwargs: fake.step)
+    return fake
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_pipeline, clip, tmp_path, monkeypatch):
     """The loop's reaction to a non-finite loss; the step itself is replaced (its overflow check is tested above)."""
-    calls = []
-
-    def fake_build(*args, **kwargs):
-        def step(*inputs):
-            calls.append(1)
-            loss = float("nan") if len(calls) == 3 else 1.0
-            return ms.Tensor(loss, ms.float32), ms.Tensor(np.isfinite(loss)), ms.Tensor(0.5, ms.float32)
-        return step
-
-    monkeypatch.setattr(training, "build_train_step", fake_build)
-    config = run_config(small_pipeline, tmp_path / "out", shared_data / "man-skiing.mp4", checkpointing_steps=2)
+    fake_train_step(monkeypatch, nan_at=3)
+    config = run_config(small_pipeline, tmp_path / "out", clip, checkpointing_steps=2)
     with pytest.raises(training.TrainingError, match=r"loss is nan .* step 3.*checkpoint-2"):
         training.train(config)
-    assert [step for step, _ in training.list_checkpoints(config.output_dir)] == [2]
+    assert [step for step, _ in train_state.list_checkpoints(config.output_dir)] == [2]
 
 
-def test_missing_base_model_names_the_key(tmp_path, shared_data):
-    config = run_config(str(tmp_path / "no-model"), tmp_path / "out", shared_data / "man-skiing.mp4")
+def test_nan_loss_error_is_logged_and_advises_only_what_applies(small_pipeline, clip, tmp_path, monkeypatch):
+    """On CPU mixed_precision: fp16 trains in fp32, so 'mixed_precision: no' would change nothing."""
+    fake_train_step(monkeypatch, nan_at=1)
+    config = run_config(small_pipeline, tmp_path / "out", clip)
+    with pytest.raises(training.TrainingError) as caught:
+        training.train(config)
+    assert "learning_rate" in str(caught.value) and "mixed_precision" not in str(caught.value)
+    with open(os.path.join(config.output_dir, "train.log"), encoding="utf-8") as handle:
+        assert f"ERROR error: {caught.value}" in handle.read()
+    plan = optim.PrecisionPlan(ms.float16, True)
+    assert "mixed_precision: no" in training.non_finite_message(config, plan, float("nan"), False, 1, None)
+
+
+def test_missing_base_model_names_the_key(tmp_path, clip):
+    config = run_config(str(tmp_path / "no-model"), tmp_path / "out", clip)
     with pytest.raises(ConfigError, match="pretrained_model_path.*does not exist"):
         training.train(config)
 
 
-def test_incomplete_base_model_names_the_missing_parts(tmp_path, shared_data):
+def test_incomplete_base_model_names_the_missing_parts(tmp_path, clip):
     (tmp_path / "sd" / "unet").mkdir(parents=True)
-    config = run_config(str(tmp_path / "sd"), tmp_path / "out", shared_data / "man-skiing.mp4")
+    config = run_config(str(tmp_path / "sd"), tmp_path / "out", clip)
     with pytest.raises(ConfigError, match="missing vae/, text_encoder/, tokenizer/, scheduler/"):
         training.train(config)
 
@@ -487,24 +521,24 @@ def test_missing_video_names_the_key(small_pipeline, tmp_path):
         training.train(config)
 
 
-def test_too_short_video_is_an_error(small_pipeline, shared_data, tmp_path):
-    config = run_config(small_pipeline, tmp_path / "out", shared_data / "man-skiing.mp4",
+def test_too_short_video_is_an_error(small_pipeline, clip, tmp_path):
+    config = run_config(small_pipeline, tmp_path / "out", clip,
                         train_data=dict(n_sample_frames=50, sample_frame_rate=2),
                         validation_data=dict(use_inv_latent=False))
     with pytest.raises(ConfigError, match="train_data.video_path.*too few frames"):
         training.train(config)
 
 
-def test_unwritable_output_dir_is_an_error(small_pipeline, shared_data, tmp_path):
+def test_unwritable_output_dir_is_an_error(small_pipeline, clip, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    config = run_config(small_pipeline, blocker / "out", shared_data / "man-skiing.mp4")
+    config = run_config(small_pipeline, blocker / "out", clip)
     with pytest.raises(ConfigError, match="output_dir.*not writable"):
         training.train(config)
 
 
-def test_resume_from_a_folder_that_is_not_a_checkpoint(small_pipeline, shared_data, tmp_path):
-    config = run_config(small_pipeline, tmp_path / "out", shared_data / "man-skiing.mp4",
+def test_resume_from_a_folder_that_is_not_a_checkpoint(small_pipeline, clip, tmp_path):
+    config = run_config(small_pipeline, tmp_path / "out", clip,
                         resume_from_checkpoint=str(tmp_path))
     with pytest.raises(ConfigError, match="resume_from_checkpoint.*not a checkpoint folder"):
         training.train(config)

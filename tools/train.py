@@ -3,13 +3,19 @@
 
     python tools/train.py --config configs/man-skiing.yaml [key=value ...] [--device_target Ascend|CPU|GPU]
                           [--mode 0|1] [--jit_level O0|O1|O2] [--resume_from_checkpoint latest|PATH]
+                          [--overwrite_output_dir] [--debug]
 
 key=value overrides any config key; dotted keys reach into sections (train_data.n_sample_frames=8,
 validation_data.prompts=[a,b]). `--config configs/tiny.yaml` runs the CPU demo and writes its tiny model and clip
 on first use. Outputs: <output_dir>/unet_delta.safetensors (for tools/sample.py --unet), checkpoint-N/, samples/,
-train.log.
+train.log. An output_dir holding another run is refused unless you resume it or pass --overwrite_output_dir.
+
+This tool owns the process: the MindSpore device, execution mode and jit level (from the config, the flags winning)
+and the console logging; tav.training.train only trains. A bad input prints one `error: ...` line and exits 1;
+--debug shows the traceback instead.
 """
 import argparse
+import logging
 import os
 import sys
 
@@ -26,13 +32,36 @@ def parse_args(argv=None):
     p.add_argument("--jit_level", choices=["O0", "O1", "O2"])
     p.add_argument("--resume_from_checkpoint", metavar="latest|PATH",
                    help="continue from the newest checkpoint-N in output_dir (latest) or from a checkpoint folder")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start over in an output_dir holding another run: its checkpoints, delta, samples and log "
+                        "are deleted first")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p.parse_args(argv)
 
 
 def command_line_overrides(args):
     extra = [f"{key}={getattr(args, key)}" for key in ("device_target", "mode", "jit_level", "resume_from_checkpoint")
              if getattr(args, key) is not None]
+    if args.overwrite_output_dir:
+        extra.append("overwrite_output_dir=true")
     return list(args.overrides) + extra
+
+
+class ProgressBarHandler(logging.Handler):
+    """Console lines written above tqdm's progress bar instead of through it."""
+
+    def emit(self, record):
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.format(record), file=sys.stdout)
+
+
+def setup_console_logging():
+    handler = ProgressBarHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    tav_logger = logging.getLogger("tav")
+    tav_logger.addHandler(handler)
+    tav_logger.setLevel(logging.INFO)
 
 
 def ensure_demo_assets(config):
@@ -50,16 +79,20 @@ def ensure_demo_assets(config):
 def main(argv=None):
     args = parse_args(argv)
     from tav import backend
+    from tav.checkpoint import CheckpointError
     from tav.config import ConfigError, load_train_config
     from tav.training import TrainingError, train
+    from tav.video import VideoError
 
     try:
         config = load_train_config(args.config, command_line_overrides(args))
-        if config.device_target:
-            backend.configure(device_target=config.device_target)  # before any kernel runs
+        backend.configure(device_target=config.device_target, mode=config.mode, jit_level=config.jit_level)
+        setup_console_logging()
         ensure_demo_assets(config)
         train(config)
-    except (ConfigError, TrainingError) as exc:
+    except (ConfigError, TrainingError, CheckpointError, VideoError) as exc:  # bad input: one line, no traceback
+        if args.debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

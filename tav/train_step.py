@@ -1,0 +1,160 @@
+"""One optimiser update of the tuned UNet: the diffusion loss, its gradients as one compiled graph, then the update.
+
+    step = TrainStep(unet, optimizer, scheduler, vae.scaling_factor)       # optimizer: tav.optim.AdamW
+    loss, applied, grad_norm = step(mean, std, posterior_noise, noise, timesteps, context, lr, loss_scale)
+
+Where the update runs (decided in `TrainStep.__init__`, nowhere else):
+  host      CPU with fp32 weights and the native kernels: the gradients' and weights' numpy views (Tensor.asnumpy
+            shares a CPU tensor's storage) go to optim.cc's norm and in-place AdamW kernels (~8 ms a step).
+  compiled  Ascend/GPU (tav.backend.compile_optimizer_update): the update as a second compiled graph, one launch
+            sequence instead of ~10 small ops per tensor.
+  eager     everything else (fp16 weights with fp32 masters on CPU, native kernels off): the same update op by op
+            (~78 ms a step at the small bench config).
+The update is never compiled into the gradient graph: on CPU that cost ~400 MiB of host memory (MindSpore keeps
+memory per graph node). All three paths unscale, check finiteness, clip and step with the same arithmetic
+(tests/test_training.py checks they agree).
+"""
+import math
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import nn, ops
+
+from tav import backend
+from tav.optim import clip_by_global_norm, global_norm
+
+
+class DiffusionLoss(nn.Cell):
+    """The noise-prediction loss of one micro-step, times the loss scale:
+
+        construct(mean, std, posterior_noise, noise, timesteps, context, loss_scale) -> loss * loss_scale
+
+    mean, std (1, 4, F, h, w): the clip's VAE posterior; posterior_noise, noise (B, 4, F, h, w); timesteps (B,)
+    int64; context (B, 77, D). latents = (mean + std * posterior_noise - shift) * scaling_factor, noisy =
+    add_noise(latents, noise, t), target = noise (epsilon) or the velocity (v_prediction), fp32 MSE."""
+
+    def __init__(self, unet, scheduler, scaling_factor, shift_factor=None, compute_dtype=ms.float32):
+        super().__init__()
+        prediction_type = scheduler.config.prediction_type
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"cannot train a {prediction_type!r} model: prediction_type must be epsilon or "
+                             "v_prediction")
+        self.unet = unet
+        self.alphas_cumprod = ms.Tensor(np.asarray(scheduler.alphas_cumprod, np.float32))
+        self.scaling_factor = float(scaling_factor)
+        self.shift = 0.0 if shift_factor is None else float(shift_factor)
+        self.use_velocity = prediction_type == "v_prediction"
+        self.compute_dtype = compute_dtype
+
+    def construct(self, mean, std, posterior_noise, noise, timesteps, context, loss_scale):
+        latents = (mean + std * posterior_noise - self.shift) * self.scaling_factor
+        alphas = ops.gather(self.alphas_cumprod, timesteps, 0).reshape(-1, 1, 1, 1, 1)
+        sqrt_alpha, sqrt_one_minus_alpha = ops.sqrt(alphas), ops.sqrt(1.0 - alphas)
+        noisy = sqrt_alpha * latents + sqrt_one_minus_alpha * noise
+        target = sqrt_alpha * noise - sqrt_one_minus_alpha * latents if self.use_velocity else noise
+        prediction = self.unet(noisy.astype(self.compute_dtype), timesteps, context.astype(self.compute_dtype))
+        loss = ops.mean(ops.square(prediction.astype(ms.float32) - target.astype(ms.float32)))
+        return loss * loss_scale
+
+
+class MicroStepGradients(nn.Cell):
+    """The compiled part of a train step: the (scaled) loss of one micro-step and its gradients with respect to
+    `weights`, in their order and dtypes. (Casting them to fp32 here, as a generator over the tuple, added ~90
+    MiB to the CPU graph's compile memory at the small bench config: TrainStep casts the non-fp32 ones eagerly.)"""
+
+    def __init__(self, loss, weights):
+        super().__init__()
+        self.loss = loss
+        self.grad_fn = ms.value_and_grad(loss, None, weights)
+
+    def construct(self, mean, std, posterior_noise, noise, timesteps, context, loss_scale):
+        loss, grads = self.grad_fn(mean, std, posterior_noise, noise, timesteps, context, loss_scale)
+        return loss, grads
+
+
+class TrainStep:
+    """One optimiser update, what `train` calls every step:
+
+        train_step(mean, std, posterior_noise, noise, timesteps, context, lr, loss_scale) -> (loss, finite, norm)
+
+    mean, std: the frozen VAE's posterior of the clip (1, 4, F, h, w), fp32, computed once. Per update, with A
+    accumulation micro-steps and B videos per micro-step: posterior_noise and noise (A, B, 4, F, h, w), timesteps
+    (A, B) int64, context (B, 77, D). Each micro-step's loss and gradients come from one compiled graph
+    (`MicroStepGradients` over `DiffusionLoss`); their sums are then averaged, unscaled by loss_scale, checked
+    for finiteness, clipped to max_grad_norm and given to AdamW with learning rate `lr` -- all skipped when a
+    gradient is not finite (fp16 overflow). Returns the unscaled mean loss, whether the update was applied, and
+    the pre-clip gradient norm.
+
+    Where the update runs (host, compiled or eager) is chosen once, here, as the module docstring explains;
+    `update_path` says which. In GRAPH_MODE the gradient graph is compiled before its first run and the heap's
+    freed pages go back to the OS (tav.backend.compile_ahead).
+    """
+
+    def __init__(self, unet, optimizer, scheduler, scaling_factor, shift_factor=None, max_grad_norm=1.0,
+                 compute_dtype=ms.float32):
+        self.optimizer = optimizer
+        self.max_grad_norm = float(max_grad_norm)
+        loss = DiffusionLoss(unet, scheduler, scaling_factor, shift_factor, compute_dtype)
+        self.gradients = MicroStepGradients(loss, optimizer.model_params)
+        self.compiled_update = backend.compile_optimizer_update()
+        self.host_update = not self.compiled_update and optimizer.host_kernels is not None
+        self.update_path = "compiled" if self.compiled_update else "host" if self.host_update else "eager"
+        self.update = ms.jit(self._make_update()) if self.compiled_update else self._make_update()
+
+    def __call__(self, mean, std, posterior_noise, noise, timesteps, context, lr, loss_scale):
+        micro_steps = posterior_noise.shape[0]
+        loss, grads = None, None
+        for i in range(micro_steps):
+            args = (mean, std, posterior_noise[i], noise[i], timesteps[i], context, loss_scale)
+            backend.compile_ahead(self.gradients, *args)
+            micro_loss, micro_grads = self.gradients(*args)
+            micro_grads = tuple(g if g.dtype == ms.float32 else g.astype(ms.float32) for g in micro_grads)
+            if grads is None:
+                loss, grads = micro_loss, micro_grads
+            else:
+                loss = loss + micro_loss
+                grads = tuple(g + h for g, h in zip(grads, micro_grads))
+        if self.host_update:
+            return self._update_on_host(grads, loss, np.float32(loss_scale.asnumpy()) * np.float32(micro_steps), lr)
+        denominator = loss_scale * micro_steps
+        if self.compiled_update:
+            return self.update(ms.mutable(grads), loss, denominator, lr)
+        return self.update(grads, loss, denominator, lr)
+
+    def _update_on_host(self, grads, loss, denominator, lr):
+        finite, norm = update_on_host(self.optimizer, [g.asnumpy() for g in grads], denominator, float(lr.asnumpy()),
+                                      self.max_grad_norm)
+        return loss / ms.Tensor(denominator), ms.Tensor(finite), ms.Tensor(norm, ms.float32)
+
+    def _make_update(self):
+        """update(grads, loss_sum, denominator, lr) -> (loss, finite, norm); the same function runs eagerly or
+        compiled (ms.jit), where optimizer.update is inlined."""
+        optimizer, max_grad_norm = self.optimizer, self.max_grad_norm
+
+        def update(grads, loss, denominator, lr):
+            grads = tuple(g / denominator for g in grads)
+            finite = ms.amp.all_finite(grads)
+            norm = global_norm(grads)
+            if finite:
+                optimizer.update(clip_by_global_norm(grads, max_grad_norm, norm), lr)
+            return loss / denominator, finite, norm
+
+        return update
+
+
+def update_on_host(optimizer, grads, denominator, lr, max_grad_norm):
+    """A CPU train step's update on the host: grads are float32 numpy arrays (the summed, still scaled gradients,
+    in the optimiser's order), denominator the loss scale times the micro-steps. Computes the norm of grads /
+    denominator and whether all are finite (optim.cc, one pass each), then -- when finite -- clip_grad_norm_'s
+    coefficient (fp32, as torch) and the AdamW step in place (AdamW.host_update). Returns (finite, norm)."""
+    kernels = optimizer.host_kernels
+    total, finite = 0.0, True
+    for grad in grads:
+        squares, grad_finite = kernels.unscaled_sum_squares(grad, denominator)
+        total, finite = total + squares, finite and grad_finite
+    norm = np.float32(math.sqrt(total))
+    if finite:
+        clip_coef = min(np.float32(max_grad_norm) / (norm + np.float32(1e-6)), np.float32(1.0))
+        optimizer.host_update(grads, lr, denominator, clip_coef)
+    return finite, norm
