@@ -470,7 +470,7 @@ class FakeStep:
 
     def step(self, *inputs):
         self.calls += 1
-        loss = float("nan") if self.calls == self.nan_at else 1.0
+        loss = float("nan") if self.calls == self.nan_at else 1.0  # nan_at=None: never
         return ms.Tensor(loss, ms.float32), ms.Tensor(np.isfinite(loss)), ms.Tensor(0.5, ms.float32)
 
 
@@ -557,3 +557,91 @@ def test_full_pipeline_export_holds_the_tuned_unet(tuned, tmp_path):
     tuned_state = checkpoint.cell_state_dict(result.unet)
     assert loaded.keys() == tuned_state.keys()
     assert all(np.array_equal(loaded[name], tuned_state[name]) for name in loaded)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One run per output folder; nothing written before the inputs are known good
+
+
+def test_a_new_run_refuses_a_folder_holding_another_run(tuned, small_pipeline, clip):
+    config, _, _ = tuned
+    before = sorted(os.listdir(config.output_dir))
+    with open(os.path.join(config.output_dir, "config.yaml"), encoding="utf-8") as handle:
+        saved = handle.read()
+    again = run_config(small_pipeline, config.output_dir, clip, seed=8)
+    with pytest.raises(ConfigError, match=r"holds another run's outputs \(checkpoint-12, checkpoint-24, "
+                                          r"unet_delta.safetensors.*--resume_from_checkpoint latest.*"
+                                          r"--overwrite_output_dir"):
+        training.train(again)
+    assert sorted(os.listdir(config.output_dir)) == before
+    with open(os.path.join(config.output_dir, "config.yaml"), encoding="utf-8") as handle:
+        assert handle.read() == saved
+
+
+def test_latest_resumes_only_a_checkpoint_written_under_a_compatible_config(tuned, small_pipeline, clip, tmp_path):
+    config, _, _ = tuned
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(os.path.join(config.output_dir, "checkpoint-12"), out / "checkpoint-12")
+    longer = run_config(small_pipeline, out, clip, resume_from_checkpoint="latest", max_train_steps=30,
+                        checkpointing_steps=6, validation_steps=30)
+    assert training.resolve_resume(longer) == str(out / "checkpoint-12")  # cadence and length may change
+    other = run_config(small_pipeline, out, clip, resume_from_checkpoint="latest", trainable_modules=["attn1.to_q"],
+                       train_data=dict(n_sample_frames=6))
+    with pytest.raises(ConfigError, match=r"cannot resume .*checkpoint-12: it was trained with a different "
+                                          r"train_data.n_sample_frames, trainable_modules \(train_data.n_sample_"
+                                          r"frames: 4 in the checkpoint, 6 now"):
+        training.train(other)
+    assert sorted(os.listdir(out)) == ["checkpoint-12"]
+
+
+def test_overwrite_output_dir_starts_over_and_interrupted_writes_are_removed(small_pipeline, clip, tmp_path,
+                                                                            monkeypatch):
+    out = tmp_path / "out"
+    (out / "checkpoint-50").mkdir(parents=True)
+    (out / "checkpoint-50" / "training_state.json").write_text("{}")
+    (out / "unet_delta.safetensors").write_text("the old run's delta")
+    (out / "notes.txt").write_text("not a run output")
+    interrupted = out / ".checkpoint-60.x1y2.tmp"
+    interrupted.mkdir()
+    (interrupted / "optimizer.safetensors").write_text("half written")
+    fake_train_step(monkeypatch, nan_at=None)
+    # validation_steps beyond the run: no samples, even at the final step (the delta is exported regardless)
+    config = run_config(small_pipeline, out, clip, overwrite_output_dir=True, max_train_steps=2,
+                        checkpointing_steps=2, validation_steps=5, validation_data=dict(prompts=["a bear is skiing"]))
+    result = training.train(config)
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "config.yaml", "notes.txt", "train.log",
+                                       "unet_delta.safetensors"]
+    assert result.samples == [] and json.loads(delta.read_delta(result.delta_path)[1]["tav_step"]) == 2
+    with open(result.log_path, encoding="utf-8") as handle:
+        log = handle.read()
+    assert "overwrite_output_dir: removed the previous run's checkpoint-50, unet_delta.safetensors" in log
+    assert f"removed {interrupted}, left by an interrupted checkpoint write" in log
+
+
+def test_a_run_failing_on_its_inputs_leaves_output_dir_untouched(small_pipeline, clip, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text("the previous run's config\n")
+    bad_resume = run_config(small_pipeline, out, clip, resume_from_checkpoint=str(tmp_path / "nowhere"))
+    short_clip = run_config(small_pipeline, out, clip, overwrite_output_dir=True,
+                            train_data=dict(n_sample_frames=50, sample_frame_rate=2),
+                            validation_data=dict(use_inv_latent=False))
+    for config in (bad_resume, short_clip):
+        with pytest.raises(ConfigError):
+            training.train(config)
+        assert os.listdir(out) == ["config.yaml"]
+        assert (out / "config.yaml").read_text() == "the previous run's config\n"
+
+
+def test_a_delta_on_other_base_weights_names_the_way_out(tuned, small_pipeline):
+    _, result, _ = tuned
+    other = UNet3DConditionModel.from_pretrained_2d(small_pipeline)
+    param = dict(other.parameters_and_names())["conv_in.weight"]
+    param.set_data(param + 1.0)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="pass --no_check_base to tools/sample.py"):
+        delta.apply_delta(other, result.delta_path)
+    delta.apply_delta(other, result.delta_path, check_base=False)
+    tensors, _ = delta.read_delta(result.delta_path)
+    params = dict(other.parameters_and_names())
+    assert all(np.array_equal(params[name].asnumpy(), value) for name, value in tensors.items())
