@@ -14,6 +14,7 @@ The update is never compiled into the gradient graph: on CPU that cost ~400 MiB 
 memory per graph node). All three paths unscale, check finiteness, clip and step with the same arithmetic
 (tests/test_training.py checks they agree).
 """
+import logging
 import math
 
 import numpy as np
@@ -24,6 +25,7 @@ from mindspore import nn, ops
 from tav import backend
 from tav.optim import clip_by_global_norm, global_norm
 
+logger = logging.getLogger(__name__)
 
 class DiffusionLoss(nn.Cell):
     """The noise-prediction loss of one micro-step, times the loss scale:
@@ -58,19 +60,39 @@ class DiffusionLoss(nn.Cell):
         return loss * loss_scale
 
 
-class MicroStepGradients(nn.Cell):
-    """The compiled part of a train step: the (scaled) loss of one micro-step and its gradients with respect to
-    `weights`, in their order and dtypes. (Casting them to fp32 here, as a generator over the tuple, added ~90
-    MiB to the CPU graph's compile memory at the small bench config: TrainStep casts the non-fp32 ones eagerly.)"""
+class LossAndGradients(nn.Cell):
+    """`loss`'s value and its gradients with respect to `weights`, as one Cell:
+
+        loss_and_grads = LossAndGradients(loss_cell, select_trainable(unet, modules))
+        loss, grads = loss_and_grads(*inputs)     # grads in the weights' order and dtypes
+
+    The fast way to differentiate the UNet, for TrainStep and for a loop of your own. `weights` are Parameters or
+    the (name, Parameter) pairs select_trainable returns (which also lets the frozen layers skip their weight
+    gradients). Call it in GRAPH_MODE: the Cell then compiles whole on its first call. Measured on CPU
+    (bench/user_loop.py, docs/training.md), the same loss and gradients as `ms.jit` over a Python function ran 2-3x
+    slower in GRAPH_MODE and ~6x slower in PYNATIVE_MODE; without select_trainable, ~5x slower.
+    (Casting the gradients to fp32 here, as a generator over the tuple, added ~90 MiB to the CPU graph's compile
+    memory at the small bench config: TrainStep casts the non-fp32 ones eagerly.)"""
 
     def __init__(self, loss, weights):
         super().__init__()
+        weights = [w[1] if isinstance(w, tuple) else w for w in weights]
         self.loss = loss
-        self.grad_fn = ms.value_and_grad(loss, None, weights)
+        self.grad_fn = ms.value_and_grad(loss, None, ms.ParameterTuple(weights))
+        _warn_if_pynative()
 
-    def construct(self, mean, std, posterior_noise, noise, timesteps, context, loss_scale):
-        loss, grads = self.grad_fn(mean, std, posterior_noise, noise, timesteps, context, loss_scale)
-        return loss, grads
+    def construct(self, *inputs):
+        return self.grad_fn(*inputs)
+
+
+_warned_pynative = []
+
+
+def _warn_if_pynative():
+    if ms.get_context("mode") == ms.PYNATIVE_MODE and not _warned_pynative:
+        _warned_pynative.append(True)
+        logger.warning("the gradient graph runs in PYNATIVE_MODE, op by op (several times slower on CPU); call "
+                       "mindspore.set_context(mode=mindspore.GRAPH_MODE) first (tools/train.py does)")
 
 
 class TrainStep:
@@ -81,7 +103,7 @@ class TrainStep:
     mean, std: the frozen VAE's posterior of the clip (1, 4, F, h, w), fp32, computed once. Per update, with A
     accumulation micro-steps and B videos per micro-step: posterior_noise and noise (A, B, 4, F, h, w), timesteps
     (A, B) int64, context (B, 77, D). Each micro-step's loss and gradients come from one compiled graph
-    (`MicroStepGradients` over `DiffusionLoss`); their sums are then averaged, unscaled by loss_scale, checked
+    (`LossAndGradients` over `DiffusionLoss`); their sums are then averaged, unscaled by loss_scale, checked
     for finiteness, clipped to max_grad_norm and given to AdamW with learning rate `lr` -- all skipped when a
     gradient is not finite (fp16 overflow). Returns the unscaled mean loss, whether the update was applied, and
     the pre-clip gradient norm.
@@ -96,7 +118,7 @@ class TrainStep:
         self.optimizer = optimizer
         self.max_grad_norm = float(max_grad_norm)
         loss = DiffusionLoss(unet, scheduler, scaling_factor, shift_factor, compute_dtype)
-        self.gradients = MicroStepGradients(loss, optimizer.model_params)
+        self.gradients = LossAndGradients(loss, optimizer.model_params)
         self.compiled_update = backend.compile_optimizer_update()
         self.host_update = not self.compiled_update and optimizer.host_kernels is not None
         self.update_path = "compiled" if self.compiled_update else "host" if self.host_update else "eager"
