@@ -189,7 +189,8 @@ class TuneAVideoPipeline:
     def check_request(self, prompts, video_length, height, width, latents, num_videos_per_prompt):
         if not prompts or any(not isinstance(p, str) for p in prompts):
             raise PipelineError("at least one prompt (a string) is required")
-        default = (self.unet.config.sample_size or 64) * 8
+        factor = self.vae.downscale_factor
+        default = (self.unet.config.sample_size or 64) * factor
         height = default if height is None else int(height)
         width = default if width is None else int(width)
         if height <= 0 or width <= 0 or height % 8 or width % 8:
@@ -199,7 +200,7 @@ class TuneAVideoPipeline:
         if num_videos_per_prompt < 1:
             raise PipelineError(f"num_videos_per_prompt must be at least 1, got {num_videos_per_prompt}")
         if latents is not None:
-            expected = (self.unet.config.in_channels, video_length, height // 8, width // 8)
+            expected = (self.unet.config.in_channels, video_length, height // factor, width // factor)
             n = len(prompts) * num_videos_per_prompt
             if tuple(latents.shape[1:]) != expected or latents.shape[0] not in (1, n):
                 raise PipelineError(
