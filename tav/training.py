@@ -102,7 +102,9 @@ def check_run_inputs(config):
     except VideoError as exc:
         raise ConfigError(f"{config.source}: output_dir {config.output_dir!r} is not writable: {exc}") from None
     resume_path = resolve_resume(config)
-    if resume_path is None and not config.overwrite_output_dir:
+    # Resuming a checkpoint of output_dir continues the run there; anything else would mix with what is there.
+    continues_here = resume_path is not None and os.path.dirname(os.path.abspath(resume_path)) == config.output_dir
+    if not continues_here and not config.overwrite_output_dir:
         found = state.previous_run_outputs(config.output_dir)
         if found:
             shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
@@ -276,7 +278,7 @@ def save_full_pipeline(config, unet):
     return out
 
 
-def load_masters_in_fp32(unet, optimizer):
+def cast_to_fp32_in_place(unet, optimizer):
     """Cast the UNet to fp32 in place, with the optimiser's fp32 masters in its trainable tensors (mixed precision:
     the export holds the tuned values, not their fp16 copies); a no-op in fp32 training. Returns the UNet."""
     if optimizer.use_master:
@@ -460,7 +462,7 @@ def train(config, step_callback=None):
         shutil.copyfile(os.path.join(last_checkpoint, DELTA_NAME), delta_path + ".tmp")
         os.replace(delta_path + ".tmp", delta_path)
         if config.save_full_pipeline:
-            save_full_pipeline(config, load_masters_in_fp32(unet, optimizer))
+            save_full_pipeline(config, cast_to_fp32_in_place(unet, optimizer))
             logger.info(f"wrote the tuned pipeline (diffusers layout) to {config.output_dir}")
         logger.info(f"done: {global_step} steps. Outputs in {config.output_dir}: delta {delta_path} "
                     f"(tools/sample.py --unet), checkpoints {state.CHECKPOINT_PREFIX}N/, samples/, log {run_log.path}")

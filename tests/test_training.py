@@ -645,3 +645,16 @@ def test_a_delta_on_other_base_weights_names_the_way_out(tuned, small_pipeline):
     tensors, _ = delta.read_delta(result.delta_path)
     params = dict(other.parameters_and_names())
     assert all(np.array_equal(params[name].asnumpy(), value) for name, value in tensors.items())
+
+
+def test_resuming_another_folders_checkpoint_into_an_occupied_output_dir_is_refused(tuned, small_pipeline, clip,
+                                                                                    tmp_path):
+    config, _, _ = tuned
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.log").write_text("another run's log\n")
+    elsewhere = run_config(small_pipeline, out, clip,
+                           resume_from_checkpoint=os.path.join(config.output_dir, "checkpoint-12"))
+    with pytest.raises(ConfigError, match=r"holds another run's outputs \(train.log\)"):
+        training.train(elsewhere)
+    assert os.listdir(out) == ["train.log"]
