@@ -3,6 +3,8 @@
 
 With no arguments it runs the embedded tiny model end to end on a clip it generates (random weights: the
 videos are noise; point --pretrained_model_path at a Stable Diffusion 1.x folder for real results).
+
+A bad input prints one `error: ...` line and exits 1; --debug shows the traceback instead.
 """
 import argparse
 import logging
@@ -12,6 +14,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tav import backend  # noqa: E402
+from tav.cli import run_cli  # noqa: E402
+from tav.kernels import ATTENTION_BACKENDS  # noqa: E402
+from tav.video import WRITE_FORMATS  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -39,13 +44,14 @@ def parse_args(argv=None):
     p.add_argument("--sample_frame_rate", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--output_dir")
-    p.add_argument("--format", action="append", dest="fmt", choices=["gif", "mp4", "png"],
+    p.add_argument("--format", action="append", dest="fmt", choices=WRITE_FORMATS,
                    help="output format (repeatable; default gif; png = one file per frame)")
     p.add_argument("--fps", type=int)
     p.add_argument("--device_target", default="CPU", choices=["CPU", "GPU", "Ascend"])
     p.add_argument("--mode", type=int, default=0, choices=[0, 1], help="0 graph (default), 1 pynative")
-    p.add_argument("--attention", choices=["auto", "math", "chunked", "flash"])
+    p.add_argument("--attention", choices=ATTENTION_BACKENDS)
     p.add_argument("--dtype", choices=["fp32", "fp16"])
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p.parse_args(argv)
 
 
@@ -79,7 +85,8 @@ def main(argv=None):
     print(f"wrote {len(written)} file(s) to {os.path.abspath(request.output_dir)}:")
     for path in written:
         print("  " + str(path))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))
