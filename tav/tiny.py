@@ -9,14 +9,21 @@ The weights are RANDOM: the tiny pipeline's videos are noise. It exists to exerc
 and training end to end, and to compare tav against the PyTorch originals on identical weights.
 
 Each part is one small function writing one sub-folder; all of them are deterministic (seeded numpy, no downloads).
+`make_demo_clip` writes the synthetic clip the demo and the tests invert and tune on.
+
+A fixture-writing module: it imports the models, checkpoint and video I/O it writes for, never the pipeline,
+training or the demo job (tav.demo).
 """
 import os
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
 from tav.checkpoint import save_state_dict, write_json_atomic
+from tav.checks import is_int
+from tav.video import VideoError, write_video
 
 # ---------------------------------------------------------------------------------------------------------------
 # tokenizer/: a real (small) CLIP byte-level BPE
@@ -409,56 +416,37 @@ def ensure_tiny_pipeline(output_dir, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The embedded default job (`make demo`, `python tools/sample.py` with no arguments)
+# a synthetic clip for the demo and the tests
 # ---------------------------------------------------------------------------------------------------------------
+def make_demo_clip(path, n_frames=16, height=64, width=64, seed=0, fps=8):
+    """Write a small deterministic clip -- a coloured disc moving over a drifting gradient -- and return its path.
 
-DEMO_DIR = "demo_outputs"
-DEMO_SOURCE_PROMPT = "a square is moving"
-DEMO_PROMPTS = ("a red square is moving on the snow", "a ball is moving, cartoon style")
+    mp4 unless the extension (or a png folder path) says otherwise; same ``seed``, same pixels.
+    """
+    if not is_int(n_frames) or n_frames < 1 or not is_int(height) or height < 8 or not is_int(width) or width < 8:
+        raise VideoError(f"demo clip {path}: need n_frames >= 1 and height, width >= 8; got "
+                         f"{n_frames!r}, {height!r}, {width!r}")
+    rng = np.random.default_rng(seed)
+    disc_rgb = rng.integers(160, 256, size=3).astype(np.float32)
+    base_blue = float(rng.integers(40, 120))
+    phase = float(rng.uniform(0, 2 * np.pi))
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    radius = max(2.0, min(height, width) / 6)
+    frames = np.empty((n_frames, height, width, 3), np.uint8)
+    for t in range(n_frames):
+        s = t / max(n_frames - 1, 1)
+        drift = 40.0 * s
+        bg = np.stack([200.0 * xx / max(width - 1, 1) + drift,
+                       200.0 * yy / max(height - 1, 1),
+                       np.full_like(xx, base_blue + drift)], axis=-1)
+        cx = radius + s * (width - 1 - 2 * radius)
+        cy = height / 2 + (height / 4) * np.sin(phase + 2 * np.pi * s)
+        inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius ** 2
+        bg[inside] = disc_rgb
+        frames[t] = np.clip(bg, 0, 255).astype(np.uint8)
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "mp4"
+    if not path.suffix:
+        path = path.with_suffix(".mp4")
+    return write_video(frames, path, fps=fps, fmt=fmt)
 
-
-def demo_assets(demo_dir=DEMO_DIR):
-    """The tiny pipeline and a generated 16-frame 64x64 clip, created on first use."""
-    from tav.video import make_demo_clip
-
-    model = ensure_tiny_pipeline(os.path.join(demo_dir, "tiny-sd"))
-    clip = os.path.join(demo_dir, "demo-clip.mp4")
-    if not os.path.isfile(clip):
-        make_demo_clip(clip, n_frames=16, height=64, width=64)
-    return model, clip
-
-
-def demo_sample_request(demo_dir=DEMO_DIR, **overrides):
-    """Invert the demo clip with the tiny model and sample two prompts (gif + mp4)."""
-    from tav.generate import SampleRequest
-
-    model, clip = demo_assets(demo_dir)
-    values = dict(pretrained_model_path=model, prompts=list(DEMO_PROMPTS), video=clip,
-                  source_prompt=DEMO_SOURCE_PROMPT, output_dir=os.path.join(demo_dir, "samples"), video_length=8,
-                  height=64, width=64, sample_frame_rate=2, num_inference_steps=10, num_inv_steps=10,
-                  guidance_scale=7.5, fmt=["gif", "mp4"])
-    values.update(overrides)
-    return SampleRequest(**values)
-
-
-def run_demo(demo_dir=DEMO_DIR, config_path=None):
-    """`make demo`: tune the tiny model on the generated clip (configs/tiny.yaml: a few steps), then invert the clip
-    and sample two prompts with the tuned UNet's trainable-only delta, as tools/sample.py --unet does.
-    Returns the files written."""
-    from tav.config import load_train_config
-    from tav.generate import run_sampling
-    from tav.training import train
-
-    model, clip = demo_assets(demo_dir)
-    written = []
-    if config_path is not None:
-        overrides = [f"pretrained_model_path={model}", f"train_data.video_path={clip}",
-                     f"output_dir={os.path.join(demo_dir, 'tuned')}",
-                     "validation_data.prompts=[]",  # sampling below, with the delta, instead
-                     "overwrite_output_dir=true"]  # each demo starts over
-        result = train(load_train_config(config_path, overrides))
-        written.append(result.delta_path)
-        request = demo_sample_request(demo_dir, unet=result.delta_path)
-    else:
-        request = demo_sample_request(demo_dir)
-    return written + run_sampling(request)

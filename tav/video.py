@@ -79,7 +79,6 @@ __all__ = [
     "write_video",
     "save_videos_grid",
     "check_writable_dir",
-    "make_demo_clip",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -491,39 +490,3 @@ def write_prompt_videos(videos, prompt, output_dir, formats=("gif",), fps=8):
             written.append(str(save_videos_grid(videos[k:k + 1], Path(output_dir) / f"{name}.{fmt}", fps=fps,
                                                 fmt=fmt)))
     return written
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# a synthetic clip for the demo and the tests
-# ----------------------------------------------------------------------------------------------------------------
-def make_demo_clip(path, n_frames=16, height=64, width=64, seed=0, fps=8):
-    """Write a small deterministic clip -- a coloured disc moving over a drifting gradient -- and return its path.
-
-    mp4 unless the extension (or a png folder path) says otherwise; same ``seed``, same pixels.
-    """
-    if not _is_int(n_frames) or n_frames < 1 or not _is_int(height) or height < 8 or not _is_int(width) or width < 8:
-        raise VideoError(f"demo clip {path}: need n_frames >= 1 and height, width >= 8; got "
-                         f"{n_frames!r}, {height!r}, {width!r}")
-    rng = np.random.default_rng(seed)
-    disc_rgb = rng.integers(160, 256, size=3).astype(np.float32)
-    base_blue = float(rng.integers(40, 120))
-    phase = float(rng.uniform(0, 2 * np.pi))
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    radius = max(2.0, min(height, width) / 6)
-    frames = np.empty((n_frames, height, width, 3), np.uint8)
-    for t in range(n_frames):
-        s = t / max(n_frames - 1, 1)
-        drift = 40.0 * s
-        bg = np.stack([200.0 * xx / max(width - 1, 1) + drift,
-                       200.0 * yy / max(height - 1, 1),
-                       np.full_like(xx, base_blue + drift)], axis=-1)
-        cx = radius + s * (width - 1 - 2 * radius)
-        cy = height / 2 + (height / 4) * np.sin(phase + 2 * np.pi * s)
-        inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius ** 2
-        bg[inside] = disc_rgb
-        frames[t] = np.clip(bg, 0, 255).astype(np.uint8)
-    path = Path(path)
-    fmt = path.suffix.lstrip(".").lower() or "mp4"
-    if not path.suffix:
-        path = path.with_suffix(".mp4")
-    return write_video(frames, path, fps=fps, fmt=fmt)

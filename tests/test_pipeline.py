@@ -12,7 +12,8 @@ import mindspore as ms
 
 from tav import checkpoint, generate, tiny
 from tav.pipeline import PipelineError, TuneAVideoPipeline
-from tav.video import VideoError, make_demo_clip, read_video_frames
+from tav.tiny import make_demo_clip
+from tav.video import VideoError, read_video_frames
 from tests.conftest import REPO_ROOT, import_parity_extra
 
 

@@ -16,7 +16,8 @@ from tav import checkpoint, delta, optim, tiny, train_state, train_step, trainin
 from tav.config import ConfigError, config_from_dict
 from tav.models.unet3d import UNet3DConditionModel, is_temporal_key
 from tav.schedulers import DDIMScheduler
-from tav.video import make_demo_clip, output_name
+from tav.tiny import make_demo_clip
+from tav.video import output_name
 from tests.conftest import import_parity_extra
 
 OFFICIAL_MODULES = ["attn1.to_q", "attn2.to_q", "attn_temp"]

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from tav import video
-from tav.video import (VideoError, check_writable_dir, frames_to_pixel_values, load_video, make_demo_clip,
-                       make_grid_frames, read_video_frames, save_videos_grid, video_to_uint8, write_video)
+from tav.tiny import make_demo_clip
+from tav.video import (VideoError, check_writable_dir, frames_to_pixel_values, load_video, make_grid_frames,
+                       read_video_frames, save_videos_grid, video_to_uint8, write_video)
 
 # The official source clips live beside the repository (they must not be copied into it).
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"

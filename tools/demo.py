@@ -19,10 +19,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     backend.configure(device_target=args.device_target, mode=args.mode)
-    from tav import tiny
+    from tav import demo
 
     config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
-    written = tiny.run_demo(args.demo_dir, config_path=config)
+    written = demo.run_demo(args.demo_dir, config_path=config)
     print(f"demo done; outputs in {os.path.abspath(args.demo_dir)}:")
     for path in written:
         print("  " + str(path))

@@ -56,7 +56,7 @@ def parse_args(argv=None):
 
 
 def build_request(args):
-    from tav import generate, tiny
+    from tav import demo, generate
 
     prompts = list(args.prompts or [])
     if args.prompts_file:
@@ -70,7 +70,7 @@ def build_request(args):
         return generate.request_from_config(args.config, **options)
     if not args.pretrained_model_path:
         print("no --pretrained_model_path: using the embedded tiny model (random weights, so the videos are noise)")
-        return tiny.demo_sample_request(**options)
+        return demo.demo_sample_request(**options)
     return generate.SampleRequest(**options)
 
 

@@ -66,14 +66,14 @@ def setup_console_logging():
 
 def ensure_demo_assets(config):
     """Write the tiny model and the demo clip when the config points at them and they are not there yet."""
-    from tav import tiny
+    from tav import demo
 
-    demo_dir = os.path.abspath(tiny.DEMO_DIR)
+    demo_dir = os.path.abspath(demo.DEMO_DIR)
     model, clip = os.path.join(demo_dir, "tiny-sd"), os.path.join(demo_dir, "demo-clip.mp4")
     wanted = config.pretrained_model_path == model or config.train_data.video_path == clip
     if wanted and not (os.path.isdir(model) and os.path.isfile(clip)):
         print(f"writing the tiny demo model and clip under {demo_dir}")
-        tiny.demo_assets(demo_dir)
+        demo.demo_assets(demo_dir)
 
 
 def main(argv=None):
