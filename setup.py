@@ -5,12 +5,11 @@ setup(
     version="0.1.0",
     description="Tune-A-Video on MindSpore: one-shot video tuning of Stable Diffusion, Ascend and CPU",
     python_requires=">=3.9",
-    packages=["tav", "tav.models", "tav.kernels"],
-    # kernels/ lives at the repository root (the agreed layout) but installs as tav.kernels,
-    # so no top-level module called `kernels` lands in site-packages.
-    package_dir={"tav": "tav", "tav.models": "tav/models", "tav.kernels": "kernels"},
-    # The native CPU kernels ship as C++ sources and are compiled on first use (kernels/native.py).
-    package_data={"tav.kernels": ["cpu/*.cc", "cpu/*.h"]},
+    # tav/kernels/ sits inside the package, so a plain checkout, an editable install and a wheel all import it
+    # by the same path (no package_dir mapping, no run-time alias).
+    packages=["tav", "tav.models", "tav.kernels", "tav.kernels.attention", "tav.kernels.cpu"],
+    # The native CPU kernels ship as C++ sources and are compiled on first use (tav/kernels/cpu/build.py).
+    package_data={"tav.kernels.cpu": ["*.cc", "*.h"]},
     install_requires=[
         "mindspore>=2.5",
         "mindone>=0.5.0",

@@ -29,8 +29,8 @@ from bench.worker import RESULT_PREFIX  # noqa: E402
 STEPS = ("sample", "train", "attn1")
 FRAMEWORKS = ("tav", "torch")
 TAV_MODES = ("graph", "pynative")
-# chunked first: it is what the default backend ("auto") runs on CPU for large score tensors (and plain math for
-# small ones), so the frame sweep and the PyTorch ratio use it.
+# native first: it is what tav runs on CPU by default ("auto" picks the fused kernel), so the frame sweep and the
+# PyTorch ratio use the first backend listed in --attention.
 # "native" = tav as it runs on CPU by default: the compiled kernels (kernels/cpu: fused attention, conv, norms).
 # "chunked" and "math" run with TAV_NATIVE_KERNELS=0, i.e. MindSpore's own ops everywhere (the portable model).
 TAV_ATTENTION = ("native", "chunked", "math")
@@ -59,7 +59,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls; the table shows their median")
     parser.add_argument("--chunk-budget", type=int, default=None,
-                        help="score elements per block for the chunked rows (default: tav.kernels.chunked's)")
+                        help="score elements per block for the chunked rows (default: tav.kernels.attention.chunked's)")
     parser.add_argument("--weights", default=None,
                         help="safetensors file loaded into both models (tav: all keys; diffusers: minus _temp. keys)")
     parser.add_argument("--export-weights", default=None, metavar="FILE",

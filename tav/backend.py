@@ -1,8 +1,10 @@
-"""The one place that knows Ascend from CPU/GPU.
+"""The one place that knows Ascend from CPU/GPU. A leaf: it imports nothing from tav.
 
 Everything device-dependent asks this module: which device target MindSpore runs on, which op flavour the
-portable layer (tav/nn.py) should build with, and which attention backend `auto` resolves to. Model code never
-branches on the device itself.
+portable layer (tav/nn.py) should build with, whether the native CPU kernels are switched on, and how a train
+step's update and graph compilation should run here. What each attention backend needs of the device is declared
+by the backend itself (tav/kernels/attention/dispatch.py); whether a native kernel also builds is
+tav.kernels.cpu.use_native_kernel's question. Model code never branches on the device itself.
 """
 import contextlib
 import ctypes
@@ -23,7 +25,7 @@ FLAVOUR_CLASSIC = "classic"
 _forced_flavour = None
 _forced_native = None
 
-# TAV_NATIVE_KERNELS=0 switches the compiled CPU kernels (kernels/native.py) off: the portable ops run instead.
+# TAV_NATIVE_KERNELS=0 switches the compiled CPU kernels (tav/kernels/cpu) off: the portable ops run instead.
 NATIVE_KERNELS_ENV = "TAV_NATIVE_KERNELS"
 
 
@@ -103,22 +105,13 @@ def force_flavour(flavour):
 
 def native_kernels_enabled():
     """Whether layers may use the compiled CPU kernels: CPU device, not switched off by TAV_NATIVE_KERNELS=0 (or a
-    force_native(False) block). Whether a given kernel also *builds* here is use_native_kernel's question."""
+    force_native(False) block). Whether a given kernel also *builds* here is tav.kernels.cpu.use_native_kernel's
+    question."""
     if _forced_native is not None:
         return _forced_native
     if os.environ.get(NATIVE_KERNELS_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     return device_target() == "CPU" and not use_mint_ops()
-
-
-def use_native_kernel(library_name):
-    """True when the layers should run kernels/cpu/<library_name>.cc: native kernels enabled and the library
-    compiles on this machine (the first call builds it; a failure leaves the portable path)."""
-    if not native_kernels_enabled():
-        return False
-    from tav.kernels import native
-
-    return native.available(library_name)
 
 
 def force_native(enabled):

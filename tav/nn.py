@@ -13,11 +13,8 @@ from mindspore import Parameter, mint, nn, ops
 from mindspore.common.initializer import One, Uniform, Zero, initializer
 
 from tav import backend
-from tav.kernels.native_conv import Conv2dFunction, Conv2dNoBiasFunction
-from tav.kernels.native_linear import LinearFunction, LinearNoBiasFunction
-from tav.kernels.native_ops import LIBRARY as NORMS_LIBRARY
-from tav.kernels.native_ops import (GEGLUFunction, GroupNormFunction, LayerNormFunction, SwapMiddleAxesFunction,
-                                    group_norm_scalars)
+from tav.kernels.cpu import conv, layout, linear, norms, use_native_kernel
+from tav.kernels.cpu.norms import GEGLUFunction, GroupNormFunction, LayerNormFunction, group_norm_scalars
 
 
 # No broadcasting elementwise ops in the classic (CPU) path: in GRAPH_MODE, MindSpore 2.10's CPU Add/Mul with a
@@ -44,8 +41,8 @@ class Linear(nn.Cell):
         # The compiled CPU kernel (kernels/cpu/linear.cc: threaded oneDNN sgemm, bias fused): ~3x MindSpore's
         # MatMul + BiasAdd at the UNet's shapes.
         self.native = None
-        if not self.use_mint and backend.use_native_kernel("linear"):
-            self.native = LinearFunction() if bias else LinearNoBiasFunction()
+        if not self.use_mint and use_native_kernel(linear.LIBRARY):
+            self.native = linear.linear_function(bias)
 
     def construct(self, x):
         if self.use_mint:
@@ -83,8 +80,8 @@ class Conv2d(nn.Cell):
         # Faster still, where it builds: the compiled kernel (kernels/cpu/conv.cc: per-thread im2col bands and
         # oneDNN sgemm straight into the output, bias fused; 1.3-1.5x the unfold path forward and backward).
         self.native = None
-        if not self.use_mint and backend.use_native_kernel("conv"):
-            self.native = Conv2dFunction(stride, padding) if bias else Conv2dNoBiasFunction(stride, padding)
+        if not self.use_mint and use_native_kernel(conv.LIBRARY):
+            self.native = conv.conv2d_function(stride, padding, bias)
 
     def construct(self, x):
         if self.use_mint:
@@ -144,7 +141,7 @@ class GroupNorm(nn.Cell):
         # The compiled CPU kernel (kernels/cpu/norms.cc): statistics across folded frames without transposing,
         # SiLU fused; 1.6x faster than MindSpore's GroupNorm + Sigmoid + Mul even before the saved transposes.
         self.native = None
-        if affine and backend.use_native_kernel(NORMS_LIBRARY):
+        if affine and use_native_kernel(norms.LIBRARY):
             self.native = GroupNormFunction(fused_silu)
 
     def construct(self, x, frames=1):
@@ -196,7 +193,7 @@ class LayerNorm(nn.Cell):
         if not self.use_mint:
             self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
             # The compiled CPU kernel: 6x faster than the LayerNorm op on (16 x 1024, 64) rows.
-            if backend.use_native_kernel(NORMS_LIBRARY):
+            if use_native_kernel(norms.LIBRARY):
                 self.native = LayerNormFunction()
 
     def construct(self, x):
@@ -255,7 +252,7 @@ class GatedGELU(nn.Cell):
     def __init__(self):
         super().__init__()
         self.native = None
-        if backend.use_native_kernel(NORMS_LIBRARY):
+        if use_native_kernel(norms.LIBRARY):
             self.native = GEGLUFunction()
 
     def construct(self, projected):
@@ -268,12 +265,12 @@ class GatedGELU(nn.Cell):
 class SwapMiddleAxes(nn.Cell):
     """(A, B, C, D) -> (A, C, B, D): the UNet's layout changes (channels <-> tokens, frames <-> positions).
 
-    On CPU a compiled copy: MindSpore 2.10's CPU Transpose holds twice its output as workspace for the life of
+    On CPU a compiled copy (kernels/cpu/layout.cc): MindSpore 2.10's CPU Transpose holds twice its output as workspace for the life of
     the graph (a 64 MiB transpose kept 128 MiB), which was most of tav's memory above PyTorch's."""
 
     def __init__(self):
         super().__init__()
-        self.native = SwapMiddleAxesFunction() if backend.use_native_kernel(NORMS_LIBRARY) else None
+        self.native = layout.SwapMiddleAxesFunction() if use_native_kernel(layout.LIBRARY) else None
 
     def construct(self, x):
         if self.native is not None and x.dtype == ms.float32:

@@ -12,7 +12,8 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from tav import backend, checkpoint
-from tav.kernels.native_ops import HostOptimizerKernels, adamw_update_op
+from tav.kernels.cpu import use_native_kernel
+from tav.kernels.cpu.optim import HostOptimizerKernels, adamw_update_op
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,11 +151,11 @@ class AdamW(nn.Cell):
         # On CPU one fused op per tensor (kernels/cpu/optim.cc, the same arithmetic in the same order) instead of
         # ~15: MindSpore's graph keeps memory per op, ~300 MiB for this step at the small bench config.
         self.fused_update = None
-        if master_dtype == ms.float32 and backend.use_native_kernel("optim"):
+        if master_dtype == ms.float32 and use_native_kernel("optim"):
             self.fused_update = adamw_update_op()
         # CPU, fp32 weights: host_update runs optim.cc's in-place step on the tensors' own storage (TrainStep).
         self.host_kernels = None
-        if not self.use_master and backend.use_native_kernel("optim") and all(
+        if not self.use_master and use_native_kernel("optim") and all(
                 HostOptimizerKernels.shares_storage(t) for t in (*self.master, *self.exp_avg, *self.exp_avg_sq)):
             self.host_kernels = HostOptimizerKernels()
 

@@ -19,7 +19,9 @@ from tav.kernels import (
     resolve_backend,
     unpad_head_dim,
 )
-from tav.kernels import dispatch, native
+from tav.kernels.attention import chunked as chunked_backend
+from tav.kernels.attention import dispatch
+from tav.kernels.cpu import build as native
 
 @pytest.fixture
 def fresh_warnings(monkeypatch):
@@ -107,7 +109,7 @@ def test_chunked_equals_math_including_ragged_last_chunk(ms_mode, chunk_size):
 
 def test_chunked_default_chunk_size_equals_math(ms_mode, monkeypatch):
     # a 64-element budget with 1 batch * 2 heads * 13 keys = 26 scores per query -> 2-query chunks
-    monkeypatch.setattr(kernels.chunked, "SCORE_BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(chunked_backend, "SCORE_BLOCK_ELEMENTS", 64)
     assert default_chunk_size(1, 2, 9, 13) == 2
     q, k, v = random_qkv(1, 9, 13, 2, 40, seed=2)
     chunked = run(AttentionCell(2, "chunked"), q, k, v).asnumpy()

@@ -1,4 +1,4 @@
-"""tav.kernels.native_attention: the fused C++ CPU attention (kernels/cpu/attention.cc) against math_attention.
+"""tav.kernels.cpu.attention: the fused C++ CPU attention (kernels/cpu/attention.cc) against math_attention.
 
 Forward against math_attention and gradients against autodiff of math_attention, in GRAPH and PYNATIVE mode, at
 shapes that hit every edge of the kernel's blocking (16-query tiles, 128-key forward blocks, 16-key backward
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from mindspore import nn, ops
 
-from tav.kernels import math_attention, native
-from tav.kernels.native_attention import (
+from tav.kernels import math_attention
+from tav.kernels.cpu import build as native
+from tav.kernels.cpu.attention import (
     NativeAttention,
     NativeAttentionWithLse,
     native_attention,

@@ -1,4 +1,4 @@
-"""The compiled CPU convolution (kernels/cpu/conv.cc, kernels/native_conv.py) against MindSpore's own conv2d.
+"""The compiled CPU convolution (kernels/cpu/conv.cc, tav/kernels/cpu/conv.py) against MindSpore's own conv2d.
 
 Outputs and all gradients (x, weight, bias) of the native Cells must match ops.conv2d (+ bias_add) and
 MindSpore's autodiff of it, in GRAPH and PYNATIVE mode and inside an ms.jit'd value_and_grad over Parameters,
@@ -12,8 +12,8 @@ import pytest
 import mindspore as ms
 from mindspore import Parameter, nn, ops
 
-from tav.kernels import native
-from tav.kernels.native_conv import Conv2dFunction, Conv2dNoBiasFunction, native_conv_supported
+from tav.kernels.cpu import build as native
+from tav.kernels.cpu.conv import Conv2dFunction, Conv2dNoBiasFunction, native_conv_supported
 
 pytestmark = pytest.mark.skipif(not native.available("conv"),
                                 reason=f"native conv unavailable: {native.unavailable_reason('conv')}")

@@ -16,7 +16,8 @@ from mindspore import nn
 
 from tav import backend
 from tav import nn as tnn
-from tav.kernels import native
+from tav.kernels.cpu import build as native
+from tav.kernels.cpu import use_native_kernel
 
 RNG = np.random.default_rng(7)
 
@@ -214,7 +215,7 @@ def test_a_failed_build_falls_back_with_the_reason(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     assert not native.available("norms")
     assert "no C++ compiler" in native.unavailable_reason("norms")
-    assert not backend.use_native_kernel("norms")
+    assert not use_native_kernel("norms")
 
 
 def test_the_build_is_cached_by_source_and_compiler(monkeypatch, tmp_path):
@@ -295,3 +296,45 @@ def test_sparse_causal_context_and_its_gradient(ms_mode, frames):
             expected[first] += cotangent[first + i, :7]
             expected[first + max(i - 1, 0)] += cotangent[first + i, 7:]
     np.testing.assert_allclose(grads[0], expected, atol=1e-5)
+
+
+def three_frame_policy(video_length):
+    """A policy other than the paper's: frames 0, i-1 and i-2 (clamped at 0) for frame i."""
+    i = np.arange(video_length)
+    return np.stack([np.zeros_like(i), np.maximum(i - 1, 0), np.maximum(i - 2, 0)], 1).astype(np.int32)
+
+
+@pytest.mark.parametrize("frames", [1, 4])
+def test_a_different_frame_policy_gives_the_same_result_on_every_backend(ms_mode, frames):
+    """The frame policy is data: the native gather (kernels/cpu/layout.cc) and the portable ops both follow it,
+    forward and backward, in both modes; and a built attention layer takes a new one through set_frame_policy."""
+    from tav.models.attention import SparseCausalAttention, SparseCausalContext, set_frame_policy
+
+    x = RNG.standard_normal((2 * frames, 7, 5)).astype(np.float32)
+    cotangent = RNG.standard_normal((2 * frames, 21, 5)).astype(np.float32)
+    table = three_frame_policy(frames)
+    outputs, grads = [], []
+    for enabled in (True, False):
+        layer = build(lambda: SparseCausalContext(three_frame_policy), enabled)
+        outputs.append(layer(ms.Tensor(x), frames).asnumpy())
+        grads.append(ms.grad(_ContextSum(layer, frames))(ms.Tensor(x), ms.Tensor(cotangent)).asnumpy())
+    expected = np.zeros((2 * frames, 21, 5), np.float32)
+    expected_grad = np.zeros_like(x)
+    for first in range(0, 2 * frames, frames):
+        for i in range(frames):
+            for s in range(3):
+                expected[first + i, 7 * s:7 * (s + 1)] = x[first + table[i, s]]
+                expected_grad[first + table[i, s]] += cotangent[first + i, 7 * s:7 * (s + 1)]
+    for output, grad in zip(outputs, grads):
+        np.testing.assert_array_equal(output, expected)
+        np.testing.assert_allclose(grad, expected_grad, atol=1e-5)
+
+    results = []
+    tokens = ms.Tensor(RNG.standard_normal((2 * frames, 6, 16)).astype(np.float32))
+    for enabled in (True, False):
+        with backend.force_native(enabled):
+            attn = SparseCausalAttention(16, heads=2, dim_head=8)
+        randomise(attn, seed=3)
+        assert set_frame_policy(attn, three_frame_policy) == 1
+        results.append(attn(tokens, frames).asnumpy())
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-4, atol=1e-4)  # native vs portable linears too

@@ -1,17 +1,30 @@
-"""Attention kernels and their dispatch (installed as tav.kernels).
+"""tav's kernels, by role.
 
-attention(q, k, v, num_heads, backend="auto", upcast=False, chunk_size=None) -> (B, Nq, H*D)
-q: (B, Nq, H*D), k/v: (B, Nk, H*D); softmax(q k^T / sqrt(D)) v per head, heads split batch-major/head-minor.
+    attention/   attention backends (math, chunked, flash, native) and their dispatch: attention(),
+                 resolve_backend, ATTENTION_BACKENDS (the one list of backend names), AttentionKernel
+    cpu/         the native CPU kernel library: its build, the AOT-op calling convention and one Python wrapper
+                 per C++ source (conv, linear, norms, layout, attention, optim)
 
-Backends: math (matmul + softmax, exact, runs everywhere), chunked (math in blocks of query rows, bounded memory),
-flash (Ascend ops.flash_attention_score, head dim zero-padded to what it accepts), auto (flash on Ascend when
-its documented limits hold; on CPU chunked for large score tensors; math elsewhere). resolve_backend tells which
-one a call will use.
+The names below are the public surface (`from tav.kernels import attention, ATTENTION_BACKENDS, ...`).
 """
-from .chunked import SCORE_BLOCK_ELEMENTS, BlockedAttention, block_plan, chunked_attention, default_chunk_size
-from .dispatch import ATTENTION_BACKENDS, AttentionKernel, attention, check_attention_shapes, resolve_backend
-from .flash import flash_attention, flash_unsupported_reason, pad_head_dim, padded_head_dim, unpad_head_dim
-from .math_attention import math_attention
+from .attention import (
+    ATTENTION_BACKENDS,
+    SCORE_BLOCK_ELEMENTS,
+    AttentionKernel,
+    BlockedAttention,
+    attention,
+    block_plan,
+    check_attention_shapes,
+    chunked_attention,
+    default_chunk_size,
+    flash_attention,
+    flash_unsupported_reason,
+    math_attention,
+    pad_head_dim,
+    padded_head_dim,
+    resolve_backend,
+    unpad_head_dim,
+)
 
 __all__ = [
     "ATTENTION_BACKENDS",

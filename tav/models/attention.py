@@ -1,16 +1,18 @@
 """Attention layers of the inflated UNet: sparse-causal self-attention (attn1), cross-attention to the text
 (attn2), temporal attention over frames (attn_temp), and the transformer block/model that holds them.
 
-Token layouts follow the official model (reference 1.1): spatial tokens are ((b f), h*w, c) with frames folded
+Which frames attn1 attends to is the frame policy, stated once (sparse_causal_frame_table) and used by every
+path. Token layouts follow the official model: spatial tokens are ((b f), h*w, c) with frames folded
 batch-major/frame-minor; the temporal attention sees ((b h*w), f, c).
 """
+import numpy as np
+
 import mindspore as ms
 from mindspore import nn, ops
 
-from tav import backend
 from tav.kernels import AttentionKernel
-from tav.kernels.native_ops import SparseCausalContextFunction
-from tav.nn import NORMS_LIBRARY, Conv2d, Dropout, GatedGELU, GroupNorm, LayerNorm, Linear, SwapMiddleAxes, gelu
+from tav.kernels.cpu import layout, use_native_kernel
+from tav.nn import Conv2d, Dropout, GatedGELU, GroupNorm, LayerNorm, Linear, SwapMiddleAxes, gelu
 
 
 class Attention(nn.Cell):
@@ -44,50 +46,107 @@ class Attention(nn.Cell):
         return self.attend(self.to_q(x), self.to_k(context), self.to_v(context))
 
 
-def sparse_causal_context(tokens, video_length):
-    """((b f), d, c) -> ((b f), 2d, c): for frame i, the tokens of frame 0 followed by those of frame max(i-1, 0).
+def sparse_causal_frame_table(video_length):
+    """Tune-A-Video's frame policy: for every frame i the frames its attn1 keys/values come from, an int32 table
+    (video_length, 2) = [[0, max(i-1, 0)] for each i]. Frame 0 attends to frame 0 twice, as the official code
+    does (`former_frame_index = arange(f) - 1; former_frame_index[0] = 0`, then k[:, [0] * f] beside
+    k[:, former_frame_index]). The one statement of the policy: every path (portable ops, the CPU kernel, forward
+    and backward) gathers by this table."""
+    frames = np.arange(video_length)
+    return np.stack([np.zeros_like(frames), np.maximum(frames - 1, 0)], axis=1).astype(np.int32)
 
-    Built from two slices instead of an index gather: [0]*f is a broadcast of frame 0 and [0, 0, 1, ..., f-2]
-    is frame 0 followed by frames 0..f-2 (reference 1.10).
-    """
+
+# The policy every SparseCausalAttention uses unless given another (set_frame_policy changes a built model's).
+DEFAULT_FRAME_POLICY = sparse_causal_frame_table
+
+
+def checked_frame_table(policy, video_length):
+    """policy(video_length) as an int32 (video_length, S) array, S >= 1, every entry a frame of the video."""
+    table = np.asarray(policy(video_length))
+    if table.ndim != 2 or table.shape[0] != video_length or table.shape[1] < 1:
+        raise ValueError(f"frame policy {getattr(policy, '__name__', policy)!r} returned shape {table.shape} for "
+                         f"{video_length} frames; expected ({video_length}, S) with S >= 1")
+    if table.size and (table.min() < 0 or table.max() >= video_length):
+        raise ValueError(f"frame policy {getattr(policy, '__name__', policy)!r} names frames outside "
+                         f"0..{video_length - 1}: {table.tolist()}")
+    return table.astype(np.int32)
+
+
+def gather_frames(tokens, video_length, table):
+    """((b f), d, c) -> ((b f), S d, c): for frame i the tokens of frames table[i, 0..S-1] of the same video,
+    side by side; table an int32 Tensor (f, S). The portable path (MindSpore ops) of layout.FrameGatherFunction."""
     bf, d, c = tokens.shape
+    sources = table.shape[1]
     frames = tokens.reshape(bf // video_length, video_length, d, c)
-    first = frames[:, 0:1]
-    first_repeated = ops.broadcast_to(first, frames.shape)
-    if video_length > 1:
-        previous = ops.cat([first, frames[:, : video_length - 1]], 1)
-    else:
-        previous = first
-    return ops.cat([first_repeated, previous], 2).reshape(bf, 2 * d, c)
+    gathered = ops.gather(frames, table.reshape(-1), 1)
+    return gathered.reshape(bf, sources * d, c)
+
+
+def sparse_causal_context(tokens, video_length, frame_policy=None):
+    """((b f), d, c) -> ((b f), S d, c) by the frame policy (default sparse_causal_frame_table: S = 2, frame 0
+    then frame max(i-1, 0))."""
+    policy = DEFAULT_FRAME_POLICY if frame_policy is None else frame_policy
+    table = ms.Tensor(checked_frame_table(policy, video_length), ms.int32)
+    return gather_frames(tokens, video_length, table)
+
+
+def _table_constant(policy):
+    """A compile-time constant maker for `policy`'s table: graph mode cannot run numpy, so the table is made in
+    Python when the graph compiles (once per video length) and enters the graph as a constant."""
+
+    @ops.constexpr
+    def frame_table(video_length):
+        return ms.Tensor(checked_frame_table(policy, video_length), ms.int32)
+
+    return frame_table
 
 
 class SparseCausalContext(nn.Cell):
-    """sparse_causal_context as a layer: on CPU one compiled copy (and one in the backward) in place of the two
-    slices, broadcast and two concatenations, whose MindSpore CPU kernels keep their workspace for the graph's
-    life (kernels/cpu/norms.cc)."""
+    """The keys/values a frame attends to, gathered by the frame policy: on CPU one compiled copy (and one in
+    the backward, kernels/cpu/layout.cc) in place of MindSpore's gather, whose CPU kernels keep their workspace
+    for the graph's life; elsewhere gather_frames."""
 
-    def __init__(self):
+    def __init__(self, frame_policy=None):
         super().__init__()
-        self.native = SparseCausalContextFunction() if backend.use_native_kernel(NORMS_LIBRARY) else None
+        self.native = layout.FrameGatherFunction() if use_native_kernel(layout.LIBRARY) else None
+        self.set_policy(DEFAULT_FRAME_POLICY if frame_policy is None else frame_policy)
+
+    def set_policy(self, frame_policy):
+        """Change the frame policy (a function video_length -> (F, S) table); before compiling."""
+        self.frame_policy = frame_policy
+        self.frame_table = _table_constant(frame_policy)
 
     def construct(self, tokens, video_length):
+        table = self.frame_table(video_length)
         if self.native is not None and tokens.dtype == ms.float32:
-            return self.native(tokens, ms.Tensor([video_length], ms.float32))
-        return sparse_causal_context(tokens, video_length)
+            return self.native(tokens, table)
+        return gather_frames(tokens, video_length, table)
 
 
 class SparseCausalAttention(Attention):
-    """attn1: each frame's queries attend to the keys/values of frame 0 and of the previous frame."""
+    """attn1: each frame's queries attend to the keys/values of the frames its frame policy names (by default
+    frame 0 and the previous frame, sparse_causal_frame_table)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, frame_policy=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.context = SparseCausalContext()
+        self.context = SparseCausalContext(frame_policy)
 
     def construct(self, x, video_length):
         q = self.to_q(x)
         k = self.context(self.to_k(x), video_length)
         v = self.context(self.to_v(x), video_length)
         return self.attend(q, k, v)
+
+
+def set_frame_policy(network, frame_policy):
+    """Make every sparse-causal attention in `network` use `frame_policy` (video_length -> (F, S) int32 table of
+    source frames); before the network compiles. Returns the number of layers changed."""
+    changed = 0
+    for _, cell in network.cells_and_names():
+        if isinstance(cell, SparseCausalContext):
+            cell.set_policy(frame_policy)
+            changed += 1
+    return changed
 
 
 class GEGLU(nn.Cell):

@@ -14,7 +14,7 @@ second product saves memory traffic. `small` bench config, attn1 at 32x32 (128 f
 import mindspore as ms
 from mindspore import nn, ops
 
-from .math_attention import attend, heads_as_batch, math_attention, merge_heads
+from .math import attend, heads_as_batch, math_attention, merge_heads
 
 _scores = ops.BatchMatMul(transpose_b=True)  # a b^T
 _transposed_product = ops.BatchMatMul(transpose_a=True)  # a^T b

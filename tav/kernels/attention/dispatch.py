@@ -1,11 +1,15 @@
 """attention(): one entry point for attn1, attn2, attn_temp and the VAE mid-block, and the choice of backend.
 
-The choice is made by resolve_backend, a pure function of Python constants (backend name, dtype, static shapes,
+Each backend is registered below with what it needs: the devices it has kernels for and a reason function for
+its other limits (dtype, shapes), and whether `auto` may pick it. resolve_backend is a lookup over that registry
+(as diffusers' attention_dispatch), a pure function of Python constants (backend name, dtype, static shapes,
 upcast) and of tav.backend's device answer. Inside a Cell's construct in GRAPH_MODE it runs once at compile time
 (ops.constexpr), so the compiled graph holds only the chosen branch: on CPU the flash branch never reaches kernel
 selection, which matters because FlashAttentionScore has no CPU kernel.
 """
 import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
 
 import mindspore as ms
 from mindspore import nn, ops
@@ -15,10 +19,8 @@ from tav import backend as tav_backend
 from . import chunked
 from .chunked import BlockedAttention, chunked_attention
 from .flash import flash_attention, flash_unsupported_reason
-from .math_attention import math_attention
-from .native_attention import NativeAttentionWithLse, native_attention, native_attention_supported
-
-ATTENTION_BACKENDS = ("auto", "math", "chunked", "flash", "native")
+from .math import math_attention
+from .native import NativeAttentionWithLse, native_attention, native_unsupported_reason
 
 _warned = set()
 
@@ -30,7 +32,7 @@ def _warn_once(message):
 
 
 def current_device():
-    """The device name the flash constraints are checked against, as tav.backend reports it."""
+    """The device name the backends' constraints are checked against, as tav.backend reports it."""
     return "Ascend" if tav_backend.is_ascend() else tav_backend.device_target()
 
 
@@ -47,51 +49,112 @@ def check_attention_shapes(q_shape, k_shape, v_shape, num_heads):
         raise ValueError(f"attention: num_heads={num_heads} does not divide the hidden size {q_shape[2]}")
 
 
-def native_unsupported_reason(dtype, q_shape, k_shape, num_heads):
-    """Why the compiled CPU kernel (kernels/cpu/attention.cc) cannot run this attention here, or None."""
-    if not tav_backend.native_kernels_enabled():
-        return f"native kernels are off on {current_device()} (CPU only; {tav_backend.NATIVE_KERNELS_ENV}=0 disables)"
-    return native_attention_supported(dtype, q_shape, k_shape, num_heads)
+@dataclass(frozen=True)
+class AttentionCall:
+    """What a backend's constraints are checked against: one call's device, dtype, static shapes and options.
+    `explicit`: the backend was asked for by name (flash may then cast fp32 to fp16; auto never does)."""
+
+    device: str
+    dtype: object
+    q_shape: tuple
+    k_shape: tuple
+    num_heads: int
+    upcast: bool = False
+    native_allowed: bool = True
+    explicit: bool = False
+
+    @property
+    def scores(self):
+        return self.q_shape[0] * self.num_heads * self.q_shape[1] * self.k_shape[1]
+
+
+def _always(call):
+    return None
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """One attention backend and its constraints.
+
+    devices: the devices it has kernels for (None: every device). unsupported(call): why it cannot run this call
+    beyond the device (None when it can). auto(call): whether `auto` picks it when it can run (the registry's
+    order is auto's preference). fallback: what an explicit request runs where it cannot, with a one-time warning
+    ("auto" or another backend; warning rather than raising lets a config written for Ascend run unchanged on
+    CPU)."""
+
+    name: str
+    devices: Optional[Tuple[str, ...]] = None
+    unsupported: Callable = _always
+    auto: Callable = lambda call: True
+    fallback: Optional[str] = None
+
+    def unavailable_reason(self, call):
+        if self.devices is not None and call.device not in self.devices:
+            return f"device is {call.device}; {self.name} runs on {', '.join(self.devices)} only"
+        return self.unsupported(call)
+
+
+def _native_unsupported(call):
+    if not call.native_allowed:
+        return "this layer was built without native kernels"
+    return native_unsupported_reason(call.device, call.dtype, call.q_shape, call.k_shape, call.num_heads)
+
+
+def _flash_unsupported(call):
+    return flash_unsupported_reason(call.device, call.dtype, call.q_shape, call.k_shape, call.num_heads,
+                                    call.upcast, allow_cast=call.explicit)
+
+
+# auto's order of preference. native: the fused CPU kernel for fp32 where it builds (same numbers as math, no
+# score tensor, several times faster; fp32 throughout, so `upcast` changes nothing for it). flash: Ascend,
+# fp16/bf16 within flash_unsupported_reason's limits. chunked: math in cache-sized blocks, which auto picks on CPU
+# when the (B*H, Nq, Nk) scores exceed chunked.SCORE_BLOCK_ELEMENTS. math: exact, everywhere.
+BACKENDS = {
+    backend.name: backend
+    for backend in (
+        AttentionBackend("native", devices=("CPU",), unsupported=_native_unsupported, fallback="auto"),
+        AttentionBackend("flash", devices=("Ascend",), unsupported=_flash_unsupported, fallback="math"),
+        AttentionBackend("chunked", auto=lambda call: call.device == "CPU"
+                         and call.scores > chunked.SCORE_BLOCK_ELEMENTS),
+        AttentionBackend("math"),
+    )
+}
+
+# The names a user may pass (configs, tools' --attention), "auto" first; the one list every other module imports.
+ATTENTION_BACKENDS = ("auto", "math", "chunked", "flash", "native")
+assert set(ATTENTION_BACKENDS) == {"auto", *BACKENDS}, "every registered backend is a name users may pass"
 
 
 def resolve_backend(requested, dtype, q_shape, k_shape, num_heads, upcast=False, native_allowed=True):
     """The backend attention() will actually run: "math", "chunked", "flash" or "native".
 
-    auto    -> flash on Ascend when flash_unsupported_reason finds nothing (fp16/bf16 only); on CPU the native
-               fused kernel for fp32 when it builds here (same numbers as math, no score tensor, several times
-               faster); else chunked when the (B*H, Nq, Nk) scores exceed chunked.SCORE_BLOCK_ELEMENTS (math in
-               cache-sized blocks); else math.
+    auto    -> the first backend of BACKENDS that can run the call and that auto may pick: native on CPU for
+               fp32 when it builds here, flash on Ascend when flash_unsupported_reason finds nothing (fp16/bf16
+               only), chunked on CPU for large score tensors, else math.
     flash   -> flash, with fp32 inputs cast to fp16; where the kernel cannot run (any non-Ascend device,
-               upcast=True, shapes out of range) math, with a one-time warning. Warning rather than raising
-               lets a config written for Ascend run unchanged on CPU.
+               upcast=True, shapes out of range) math, with a one-time warning.
     native  -> native; where it cannot run (not CPU, not fp32, no compiler) what auto picks, with a one-time
-               warning. fp32 throughout, so `upcast` changes nothing for it.
+               warning.
     math, chunked -> themselves.
     native_allowed=False treats native as unavailable (a layer built without it, e.g. under force_native(False)).
     """
     if requested not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {requested!r}")
-    if requested in ("math", "chunked"):
-        return requested
-    if requested == "native" or (requested == "auto" and current_device() == "CPU"):
-        native_reason = native_unsupported_reason(dtype, q_shape, k_shape, num_heads) if native_allowed else \
-            "this layer was built without native kernels"
-        if native_reason is None:
-            return "native"
-        if requested == "native":
-            _warn_once(f"attention backend 'native' unavailable ({native_reason}); using 'auto'")
-            requested = "auto"
-    allow_cast = requested == "flash"
-    reason = flash_unsupported_reason(current_device(), dtype, q_shape, k_shape, num_heads, upcast, allow_cast)
-    if reason is None:
-        return "flash"
-    if requested == "flash":
-        _warn_once(f"attention backend 'flash' unavailable ({reason}); using 'math'")
+    call = AttentionCall(current_device(), dtype, tuple(q_shape), tuple(k_shape), num_heads, upcast,
+                         native_allowed, explicit=requested != "auto")
+    if requested == "auto":
+        for candidate in BACKENDS.values():
+            if candidate.unavailable_reason(call) is None and candidate.auto(call):
+                return candidate.name
         return "math"
-    scores = q_shape[0] * num_heads * q_shape[1] * k_shape[1]
-    if current_device() == "CPU" and scores > chunked.SCORE_BLOCK_ELEMENTS:
-        return "chunked"
-    return "math"
+    chosen = BACKENDS[requested]
+    reason = chosen.unavailable_reason(call)
+    if reason is None:
+        return requested
+    _warn_once(f"attention backend '{requested}' unavailable ({reason}); using '{chosen.fallback}'")
+    if chosen.fallback == "auto":
+        return resolve_backend("auto", dtype, q_shape, k_shape, num_heads, upcast, native_allowed)
+    return chosen.fallback
 
 
 @ops.constexpr
@@ -112,6 +175,8 @@ def attention(q, k, v, num_heads, backend="auto", upcast=False, chunk_size=None)
     chunked.SCORE_BLOCK_ELEMENTS); ignored by the other backends.
     """
     chosen, chunk = _plan(backend, q.dtype, q.shape, k.shape, v.shape, num_heads, upcast, chunk_size)
+    # A branch per backend rather than a call through the registry: graph mode compiles only the branch whose
+    # constant condition holds, and needs each callee spelled out.
     if chosen == "flash":
         return flash_attention(q, k, v, num_heads)
     if chosen == "native":
@@ -135,9 +200,9 @@ class AttentionKernel(nn.Cell):
         self.attention_backend = attention_backend
         self.upcast = upcast
         self.blocked = BlockedAttention(num_heads, upcast)
-        # Built only where it may run: creating it compiles the kernel library (kernels/native.py).
+        # Built only where it may run: creating it compiles the kernel library (kernels/cpu/build.py).
         self.native_built = native_unsupported_reason(
-            ms.float32, (1, 1, num_heads), (1, 1, num_heads), num_heads) is None
+            current_device(), ms.float32, (1, 1, num_heads), (1, 1, num_heads), num_heads) is None
         # The variant that keeps the forward's row log-sum-exp for the backward: 10-25% faster training than
         # recomputing it, for (B, H, Nq) floats.
         self.native = NativeAttentionWithLse(num_heads) if self.native_built else None

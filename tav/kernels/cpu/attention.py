@@ -21,28 +21,17 @@ every layer and the graph stays static.
   NativeAttentionWithLse keeps the forward's log-sum-exp instead (the Custom op's own bprop receives it) and
   skips that pass: 10-25% faster forward+backward.
 
-Speed, best of 5, 2 threads, 2-core AMD EPYC (AVX-512) shared with other work (+-30% noise), fp32, in GRAPH mode;
-ms per call, forward / forward+backward (backward via value_and_grad of sum(out * w)):
-                                     chunked/math     torch SDPA      native         native+lse
-  attn1 small  16x1024x2048 H8 D8     229 /  916      263 / 938       75 / 286        - / 235
-  attn1 16x16  16x256x512   H8 D16     26 /  149       13 /  55       10 /  40        - /  36
-  attn2 small  16x1024x77   H8 D8      23 /  105       17 /  49        6 /  21        - /  20
-  attn_temp    2048x8x8     H8 D8       9 /   34        9 /  26        3.5 / 18       - /  18
-  SD 32x32     16x1024x2048 H8 D40    433 / 1736      316 / 1216     250 / 1090      - / 867
-  SD 32x32     16x1024x2048 H8 D80    703 / 2524      636 / 2092     510 / 2271      - / 1801
-  SD 16x16     16x256x512   H8 D160   134 /  412      118 /  306     121 /  347      - / 294
-(/tmp/bench_native_attention.py in the review that introduced this file.) Small head dims are bound by the
-exponentials and memory traffic, where fusion pays 3x; from D = 40 both kernels are bound by the FMAs of q k^T and
-p v (this one runs at ~80% of the FMA peak), so the native kernel is at par with PyTorch's flash kernel there.
+Speed against chunked/math and PyTorch's SDPA: docs/kernels.md.
 
 Only float32 (callers check native_attention_supported first). Importing this module compiles nothing: the
-library is built (once per machine, kernels/native.py) when the first op is created -- in a Cell's __init__, or at
+library is built (once per machine, kernels/cpu/build.py) when the first op is created -- in a Cell's __init__, or at
 graph compile time for native_attention() (through ops.constexpr: a graph cannot run the compiler itself).
 """
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import ops
 
-from . import native
+from . import build
+from .aot import KernelFunction, custom_op
 
 LIBRARY = "attention"
 
@@ -61,20 +50,20 @@ def native_attention_supported(dtype, q_shape, k_shape, num_heads):
         return f"num_heads={num_heads} does not divide the hidden size {q_shape[2]}"
     if k_shape[1] < 1:
         return "native attention needs at least one key"
-    return native.unavailable_reason(LIBRARY)
+    return build.unavailable_reason(LIBRARY)
 
 
-def _custom(symbol):
+def _attention_op(symbol):
     """The ops.Custom for one entry point of attention.cc, created once per process (builds the library)."""
     if symbol in _ops:
         return _ops[symbol]
     f32 = ms.float32
     if symbol == "attention_forward":
-        op = native.custom_op(LIBRARY, symbol, lambda q, k, v, s: q, f32)
+        op = custom_op(LIBRARY, symbol, lambda q, k, v, s: q, f32)
     elif symbol == "attention_backward":
-        op = native.custom_op(LIBRARY, symbol, lambda q, k, v, o, g, s: (q, k, v), (f32, f32, f32))
+        op = custom_op(LIBRARY, symbol, lambda q, k, v, o, g, s: (q, k, v), (f32, f32, f32))
     elif symbol == "attention_backward_lse":
-        op = native.custom_op(LIBRARY, symbol, lambda q, k, v, o, g, s, lse: (q, k, v), (f32, f32, f32))
+        op = custom_op(LIBRARY, symbol, lambda q, k, v, o, g, s, lse: (q, k, v), (f32, f32, f32))
     else:
         raise ValueError(symbol)
     _ops[symbol] = op
@@ -97,7 +86,7 @@ def _scale_tensor(q, num_heads, scale):
     return ms.Tensor([scale], ms.float32)
 
 
-class NativeAttention(nn.Cell):
+class NativeAttention(KernelFunction):
     """softmax(scale q k^T) v per head by the native kernel, with a native backward (bprop below).
 
     construct(q, k, v): q (B, Nq, H*D), k/v (B, Nk, H*D), float32 -> (B, Nq, H*D). `scale` defaults to D^-0.5.
@@ -107,8 +96,8 @@ class NativeAttention(nn.Cell):
         super().__init__()
         self.num_heads = num_heads
         self.scale = scale
-        self.forward_op = _custom("attention_forward")
-        self.backward_op = _custom("attention_backward")
+        self.forward_op = _attention_op("attention_forward")
+        self.backward_op = _attention_op("attention_backward")
 
     def construct(self, q, k, v):
         h = self.num_heads
@@ -122,7 +111,7 @@ class NativeAttention(nn.Cell):
         return _merged(dq), _merged(dk), _merged(dv)
 
 
-class NativeAttentionWithLse(nn.Cell):
+class NativeAttentionWithLse(KernelFunction):
     """Same as NativeAttention, but the forward keeps the row log-sum-exp for the backward instead of the backward
     recomputing it: the gradient comes from the Custom op's own bprop (autodiff sees out and lse as outputs)."""
 
@@ -130,14 +119,14 @@ class NativeAttentionWithLse(nn.Cell):
         super().__init__()
         self.num_heads = num_heads
         self.scale = scale
-        backward_op = _custom("attention_backward_lse")
+        backward_op = _attention_op("attention_backward_lse")
 
         def bprop(q, k, v, s, out, dout):
             # out = (attention, lse); dout[1] is zero: construct never lets the lse reach the loss.
             dq, dk, dv = backward_op(q, k, v, out[0], dout[0], s, out[1])
             return dq, dk, dv, ops.zeros_like(s)
 
-        self.forward_op = native.custom_op(LIBRARY, "attention_forward_lse",
+        self.forward_op = custom_op(LIBRARY, "attention_forward_lse",
                                            lambda q, k, v, s: (q, [q[0], q[2], q[1]]), (ms.float32, ms.float32),
                                            bprop=bprop)
 
@@ -149,8 +138,8 @@ class NativeAttentionWithLse(nn.Cell):
 
 @ops.constexpr
 def _forward_op():
-    # Runs in Python at graph compile time, so the library is built then (a graph cannot run native.library).
-    return _custom("attention_forward")
+    # Runs in Python at graph compile time, so the library is built then (a graph cannot run build.library).
+    return _attention_op("attention_forward")
 
 
 def native_attention(q, k, v, num_heads, scale=None):

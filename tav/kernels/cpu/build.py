@@ -1,4 +1,4 @@
-"""Native CPU kernels: C++ sources in kernels/cpu/, compiled once per machine and run as MindSpore AOT Custom ops.
+"""The build of the native CPU kernel library: C++ sources in tav/kernels/cpu/, compiled once per machine.
 
 Why: on CPU, MindSpore 2.10's own kernels for the UNet's memory-bound steps are several times slower than the
 arithmetic needs (GroupNorm 7 ms where PyTorch takes 0.1 ms; Erf 12 ms vs 2 ms; attention as matmul + softmax +
@@ -6,12 +6,13 @@ matmul writes and re-reads a score tensor that a fused kernel keeps in cache). A
 
 How: `library(name)` compiles kernels/cpu/<name>.cc with the system C++ compiler (g++ by default, `CXX`
 overrides) into a cache directory keyed by the source, the compiler and the CPU (the build uses -march=native),
-and returns the .so path for `ops.Custom("<so>:<function>", ..., func_type="aot")`. Compilation happens once;
+and returns the .so path, which aot.py turns into `ops.Custom("<so>:<function>", ..., func_type="aot")` ops.
+Compilation happens once;
 later processes reuse the file. The build is atomic (temp file + rename), so parallel test workers cannot see a
 half-written library.
 
-When: only tav.backend decides (use_native_kernels): CPU device, not switched off by TAV_NATIVE_KERNELS=0, and a
-compiler that builds the sources. Every native kernel has a portable twin made of MindSpore ops, which is what
+When: tav.kernels.cpu.use_native_kernel decides: tav.backend.native_kernels_enabled() (CPU device, not switched off
+by TAV_NATIVE_KERNELS=0) and a compiler that builds the sources here. Every native kernel has a portable twin made of MindSpore ops, which is what
 Ascend/GPU and CPU machines without a compiler run, and what the tests compare the native kernels against.
 """
 import hashlib
@@ -26,7 +27,7 @@ import tempfile
 # another package loaded it earlier); an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu")
+SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
 CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 _built = {}
@@ -160,19 +161,6 @@ def _build(name):
 def function(name, symbol):
     """The `func` string ops.Custom takes for kernels/cpu/<name>.cc's extern "C" function `symbol`."""
     return f"{library(name)}:{symbol}"
-
-
-def custom_op(name, symbol, out_shape, out_dtype, variant="", **kwargs):
-    """ops.Custom running kernels/cpu/<name>.cc's `symbol` (built on first use), the one way the native Cells make
-    their ops. `variant` names what `out_shape` closes over beyond the input shapes (a conv's stride and padding):
-    PyNative caches a Custom op's shape inference by its primitive attributes, so two ops of one symbol whose
-    inference differs must differ in an attribute -- without it a stride-2 conv once got a stride-1 output shape.
-    Extra keyword arguments (e.g. bprop) go to ops.Custom."""
-    from mindspore import ops
-
-    op = ops.Custom(function(name, symbol), out_shape=out_shape, out_dtype=out_dtype, func_type="aot", **kwargs)
-    op.add_prim_attr("tav_kernel", f"{name}:{symbol}:{variant}")
-    return op
 
 
 def available(name):

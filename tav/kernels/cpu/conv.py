@@ -1,4 +1,4 @@
-"""The native CPU 2-D convolution (kernels/cpu/conv.cc) as Cells with their own backward.
+"""The native CPU 2-D convolution (kernels/cpu/conv.cc) as a Cell with its own backward.
 
 Why: MindSpore 2.10's CPU Conv2D kernel is ~50x slower than im2col + a matmul on a 3x3 conv, and the portable
 replacement in tav/nn.py (ops.unfold + a 1x1 Conv2D + bias_add, with MindSpore's autodiff for the backward)
@@ -12,21 +12,17 @@ per call; OpenMP threads take images and bands), writing straight into the NCHW 
 from the forward) and gives dw += dy x columns^T, dx = col2im(w^T x dy) and db = sum(dy), with threads split
 over input channels (disjoint slices of dx and dw, no reduction) or over images (private dw copies, summed).
 
-Measured (2 threads, the bench `small` UNet's nine conv shapes at 16 images, GRAPH mode, best of 15 rounds
-interleaved with the alternatives on a shared, busy machine; /tmp/convbench/bench_conv.py of the change that
-added this): forward 74 ms in all vs 114 ms for tav.nn.Conv2d's portable path and 62 ms for PyTorch's mkldnn
-conv2d; forward + backward 248 vs 327 vs 204 ms. Per core (quiet moment, kernel called directly) the GEMMs run at
-92-105 GFLOP/s, PyTorch's direct conv at 104-123: unfolding costs ~10-15%, and oneDNN's sgemm on narrow
-(8x8 = 64 column) images loses another ~10%. Errors vs PyTorch: < 1e-6 of the magnitude (y, dx), < 5e-6 (dw, db).
+Measurements: docs/kernels.md.
 
 Use: `Conv2dFunction(stride, padding)(x, weight, bias)` or `Conv2dNoBiasFunction(stride, padding)(x, weight)`
 for fp32 NCHW x, weight (O, C, KH, KW), symmetric zero padding; `native_conv_supported(...)` says whether a
 call qualifies (None) or why not (a string).
 """
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import ops
 
-from . import native
+from . import build
+from .aot import NoBias, WeightedFunction, same
 
 LIBRARY = "conv"
 
@@ -50,8 +46,8 @@ def native_conv_supported(dtype, x_shape, weight_shape, stride, padding):
     for size, kernel in zip(x_shape[2:], weight_shape[2:]):
         if size >= 0 and size + 2 * padding < kernel:
             return f"kernel {kernel} larger than the padded input {size + 2 * padding}"
-    if not native.available(LIBRARY):
-        return native.unavailable_reason(LIBRARY)
+    if not build.available(LIBRARY):
+        return build.unavailable_reason(LIBRARY)
     return None
 
 
@@ -60,10 +56,6 @@ def _forward_shape(stride, padding):
         return [x[0], weight[0], _output_size(x[2], weight[2], stride, padding),
                 _output_size(x[3], weight[3], stride, padding)]
     return shape
-
-
-def _first_dtype(x, *rest):
-    return x
 
 
 def _backward_shapes(x, weight, scalars, dy):
@@ -78,10 +70,6 @@ def _backward_shapes_nobias(x, weight, scalars, dy):
     return x, weight
 
 
-def _backward_dtypes_nobias(x, weight, scalars, dy):
-    return x, weight
-
-
 def _input_gradient_shape(weight, scalars, dy, size):
     return [dy[0], weight[1], size[0], size[1]]
 
@@ -90,67 +78,50 @@ def _input_gradient_dtype(weight, scalars, dy, size):
     return dy
 
 
-def _custom(symbol, out_shape, out_dtype, geometry=""):
-    return native.custom_op(LIBRARY, symbol, out_shape, out_dtype, variant=geometry)
-
-
-def _input_gradient(op, x_shape, weight, stride, padding, dout):
-    """dx of a frozen-weight conv without x: only x's static shape, whose (H, W) a strided conv's dy does not
-    determine, travels as the shape of a small tensor."""
-    size = ops.zeros((x_shape[2], x_shape[3]), ms.float32)
-    return op(weight, ms.Tensor([stride, padding], ms.float32), dout, size)
-
-
-class Conv2dFunction(nn.Cell):
+class Conv2dFunction(WeightedFunction):
     """y = conv2d(x, weight) + bias for fp32 x (N, C, H, W), weight (O, C, KH, KW), bias (O,); stride and
-    symmetric zero padding the same along both axes. Backward: the native kernel (dx, dweight, dbias)."""
+    symmetric zero padding the same along both axes. Backward: the native kernel (dx, dweight, dbias).
+    Conv2dNoBiasFunction is the same without a bias: construct(x, weight); backward (dx, dweight)."""
+
+    LIBRARY = LIBRARY
+    has_bias = True
 
     def __init__(self, stride=1, padding=0):
         super().__init__()
         self.stride = int(stride)
         self.padding = int(padding)
-        # False (set before compiling): the backward gives dx without reading x (conv2d_bwd_input) and zeros for
-        # dweight/dbias, so the forward's input need not stay alive until the backward.
-        self.weight_grad = True
-        self.forward_op = _custom("conv2d_fwd", _forward_shape(self.stride, self.padding), _first_dtype,
+        suffix = "" if self.has_bias else "_nobias"
+        backward_shapes = _backward_shapes if self.has_bias else _backward_shapes_nobias
+        backward_dtypes = _backward_dtypes if self.has_bias else _backward_shapes_nobias
+        self.forward_op = self.op(f"conv2d_fwd{suffix}", _forward_shape(self.stride, self.padding), same,
                                   f"s{self.stride}p{self.padding}")
-        self.backward_op = _custom("conv2d_bwd", _backward_shapes, _backward_dtypes)
-        self.input_backward_op = _custom("conv2d_bwd_input", _input_gradient_shape, _input_gradient_dtype)
+        self.backward_op = self.op(f"conv2d_bwd{suffix}", backward_shapes, backward_dtypes)
+        # With weight_grad False: dx from (weight, dy) alone, so the forward's input need not stay alive.
+        self.input_backward_op = self.op("conv2d_bwd_input", _input_gradient_shape, _input_gradient_dtype)
 
-    def construct(self, x, weight, bias):
+    def forward(self, x, weight, bias):
         scalars = ms.Tensor([self.stride, self.padding], ms.float32)
+        if bias is None:
+            return self.forward_op(x, weight, scalars)
         return self.forward_op(x, weight, bias, scalars)
 
-    def bprop(self, x, weight, bias, out, dout):
+    def gradients(self, x, weight, bias, dout):
         if self.weight_grad:
             scalars = ms.Tensor([self.stride, self.padding, 1.0], ms.float32)
-            dx, dweight, dbias = self.backward_op(x, weight, scalars, dout)
-            return dx, dweight, dbias
-        dx = _input_gradient(self.input_backward_op, x.shape, weight, self.stride, self.padding, dout)
+            return self.backward_op(x, weight, scalars, dout)
+        # dx of a frozen-weight conv without x: only x's static shape, whose (H, W) a strided conv's dy does not
+        # determine, travels as the shape of a small tensor.
+        size = ops.zeros((x.shape[2], x.shape[3]), ms.float32)
+        dx = self.input_backward_op(weight, ms.Tensor([self.stride, self.padding], ms.float32), dout, size)
+        if bias is None:
+            return dx, ops.zeros_like(weight)
         return dx, ops.zeros_like(weight), ops.zeros_like(bias)
 
 
-class Conv2dNoBiasFunction(nn.Cell):
-    """Conv2dFunction without a bias: construct(x, weight); backward (dx, dweight)."""
+class Conv2dNoBiasFunction(NoBias, Conv2dFunction):
+    has_bias = False
 
-    def __init__(self, stride=1, padding=0):
-        super().__init__()
-        self.stride = int(stride)
-        self.padding = int(padding)
-        self.weight_grad = True
-        self.forward_op = _custom("conv2d_fwd_nobias", _forward_shape(self.stride, self.padding), _first_dtype,
-                                  f"s{self.stride}p{self.padding}")
-        self.backward_op = _custom("conv2d_bwd_nobias", _backward_shapes_nobias, _backward_dtypes_nobias)
-        self.input_backward_op = _custom("conv2d_bwd_input", _input_gradient_shape, _input_gradient_dtype)
 
-    def construct(self, x, weight):
-        scalars = ms.Tensor([self.stride, self.padding], ms.float32)
-        return self.forward_op(x, weight, scalars)
-
-    def bprop(self, x, weight, out, dout):
-        if self.weight_grad:
-            scalars = ms.Tensor([self.stride, self.padding, 1.0], ms.float32)
-            dx, dweight = self.backward_op(x, weight, scalars, dout)
-            return dx, dweight
-        dx = _input_gradient(self.input_backward_op, x.shape, weight, self.stride, self.padding, dout)
-        return dx, ops.zeros_like(weight)
+def conv2d_function(stride, padding, bias):
+    """The native conv Cell for a layer with (bias=True) or without a bias."""
+    return Conv2dFunction(stride, padding) if bias else Conv2dNoBiasFunction(stride, padding)

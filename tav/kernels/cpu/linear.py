@@ -10,23 +10,15 @@ every frozen Linear's input alive from the forward to the backward (the GEGLU ou
 4x the block's activations).
 """
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import ops
 
-from . import native
+from .aot import NoBias, WeightedFunction, same
 
 LIBRARY = "linear"
 
 
-def _custom(symbol, out_shape, out_dtype):
-    return native.custom_op(LIBRARY, symbol, out_shape, out_dtype)
-
-
 def _forward_shape(x, weight, *bias):
     return list(x[:-1]) + [weight[0]]
-
-
-def _first(x, *rest):
-    return x
 
 
 def _backward_shapes(x, weight, dy, flags):
@@ -37,57 +29,47 @@ def _backward_dtypes(x, weight, dy, flags):
     return x, weight, weight
 
 
-def _input_gradient_shape(dy, weight):
-    return list(dy[:-1]) + [weight[1]]
-
-
-def _input_gradient_dtype(dy, weight):
-    return dy
-
-
 def _backward_shapes_nobias(x, weight, dy, flags):
     return x, weight
 
 
-def _backward_dtypes_nobias(x, weight, dy, flags):
-    return x, weight
+def _input_gradient_shape(dy, weight):
+    return list(dy[:-1]) + [weight[1]]
 
 
-class LinearFunction(nn.Cell):
-    """construct(x, weight, bias) for fp32 x (..., K), weight (N, K), bias (N,) -> (..., N)."""
+class LinearFunction(WeightedFunction):
+    """construct(x, weight, bias) for fp32 x (..., K), weight (N, K), bias (N,) -> (..., N).
+    LinearNoBiasFunction: construct(x, weight) -> x W^T (the attention projections to_q/to_k/to_v)."""
+
+    LIBRARY = LIBRARY
+    has_bias = True
 
     def __init__(self):
         super().__init__()
-        self.weight_grad = True
-        self.forward_op = _custom("linear_fwd", _forward_shape, _first)
-        self.backward_op = _custom("linear_bwd", _backward_shapes, _backward_dtypes)
-        self.input_backward_op = _custom("linear_bwd_input", _input_gradient_shape, _input_gradient_dtype)
+        suffix = "" if self.has_bias else "_nobias"
+        self.forward_op = self.op(f"linear_fwd{suffix}", _forward_shape, same)
+        self.backward_op = self.op(f"linear_bwd{suffix}", *((_backward_shapes, _backward_dtypes) if self.has_bias
+                                                           else (_backward_shapes_nobias, _backward_shapes_nobias)))
+        self.input_backward_op = self.op("linear_bwd_input", _input_gradient_shape, same)
 
-    def construct(self, x, weight, bias):
+    def forward(self, x, weight, bias):
+        if bias is None:
+            return self.forward_op(x, weight)
         return self.forward_op(x, weight, bias)
 
-    def bprop(self, x, weight, bias, out, dout):
+    def gradients(self, x, weight, bias, dout):
         if self.weight_grad:
-            dx, dweight, dbias = self.backward_op(x, weight, dout, ms.Tensor([1.0], ms.float32))
-            return dx, dweight, dbias
-        return self.input_backward_op(dout, weight), ops.zeros_like(weight), ops.zeros_like(bias)
+            return self.backward_op(x, weight, dout, ms.Tensor([1.0], ms.float32))
+        dx = self.input_backward_op(dout, weight)
+        if bias is None:
+            return dx, ops.zeros_like(weight)
+        return dx, ops.zeros_like(weight), ops.zeros_like(bias)
 
 
-class LinearNoBiasFunction(nn.Cell):
-    """construct(x, weight) -> x W^T; the attention projections to_q/to_k/to_v have no bias."""
+class LinearNoBiasFunction(NoBias, LinearFunction):
+    has_bias = False
 
-    def __init__(self):
-        super().__init__()
-        self.weight_grad = True
-        self.forward_op = _custom("linear_fwd_nobias", _forward_shape, _first)
-        self.backward_op = _custom("linear_bwd_nobias", _backward_shapes_nobias, _backward_dtypes_nobias)
-        self.input_backward_op = _custom("linear_bwd_input", _input_gradient_shape, _input_gradient_dtype)
 
-    def construct(self, x, weight):
-        return self.forward_op(x, weight)
-
-    def bprop(self, x, weight, out, dout):
-        if self.weight_grad:
-            dx, dweight = self.backward_op(x, weight, dout, ms.Tensor([1.0], ms.float32))
-            return dx, dweight
-        return self.input_backward_op(dout, weight), ops.zeros_like(weight)
+def linear_function(bias):
+    """The native Linear Cell for a layer with (bias=True) or without a bias."""
+    return LinearFunction() if bias else LinearNoBiasFunction()

@@ -7,15 +7,9 @@
 //   layer_norm_{fwd,bwd}         LayerNorm over the last axis (PyTorch semantics: biased variance, eps inside).
 //   geglu_{fwd,bwd}              diffusers' GEGLU after its projection: (N, 2I) -> hidden * gelu(gate), hidden
 //                                = the first I columns, gate the last I; exact (erf) GELU.
-//   swap_middle_axes             (A, B, C, D) -> (A, C, B, D), the UNet's layout changes (channels <-> tokens,
-//                                frames <-> positions). Its own inverse with B and C exchanged. MindSpore 2.10's
-//                                CPU Transpose holds twice its output as workspace for the life of the graph.
-//   sparse_causal_{fwd,bwd}      Tune-A-Video's sparse-causal keys/values: ((B F), D, C) -> ((B F), 2D, C), for
-//                                frame i frame 0's tokens then frame max(i-1, 0)'s; the backward sums each
-//                                frame's gradient from every place it was copied to.
 //
 // Calling convention (MindSpore AOT): params = inputs then outputs; shapes/ndims describe each. Scalars (eps,
-// frames) arrive as small fp32 tensors. Statistics are accumulated in double, two-pass (mean, then centred
+// frames, groups) arrive as small fp32 tensors. Statistics are accumulated in double, two-pass (mean, then centred
 // squares), so they agree with PyTorch's to fp32 rounding. OpenMP threads: OMP_NUM_THREADS.
 #include <cmath>
 #include <cstdint>
@@ -401,96 +395,9 @@ int geglu_backward(int nparam, void **params, int *ndims, int64_t **shapes, cons
   return 0;
 }
 
-// ---- layout -------------------------------------------------------------------------------------------------------
-
-int swap_middle_axes_impl(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  // input (A, B, C, D); output (A, C, B, D)
-  if (nparam != 2 || !is_f32(dtypes[0]) || ndims[0] != 4 || ndims[1] != 4) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  float *y = static_cast<float *>(params[1]);
-  const int64_t a = shapes[0][0], b = shapes[0][1], c = shapes[0][2], d = shapes[0][3];
-  if (shapes[1][0] != a || shapes[1][1] != c || shapes[1][2] != b || shapes[1][3] != d) return 2;
-  // Tiles of 16 x 16 (b, c) pairs so both the reads and the writes stay within a few cache lines per row.
-  constexpr int64_t kTile = 16;
-  const int64_t b_tiles = (b + kTile - 1) / kTile, c_tiles = (c + kTile - 1) / kTile;
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t i = 0; i < a; ++i)
-    for (int64_t tile = 0; tile < b_tiles * c_tiles; ++tile) {
-      const int64_t b0 = (tile / c_tiles) * kTile, c0 = (tile % c_tiles) * kTile;
-      const int64_t b1 = b0 + kTile < b ? b0 + kTile : b, c1 = c0 + kTile < c ? c0 + kTile : c;
-      const float *src = x + i * b * c * d;
-      float *dst = y + i * b * c * d;
-      for (int64_t cc = c0; cc < c1; ++cc)
-        for (int64_t bb = b0; bb < b1; ++bb) {
-          const float *from = src + (bb * c + cc) * d;
-          float *to = dst + (cc * b + bb) * d;
-          for (int64_t k = 0; k < d; ++k) to[k] = from[k];
-        }
-    }
-  return 0;
-}
-
-int sparse_causal_forward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  // inputs: x ((B F), D, C), scalars [frames]; output ((B F), 2D, C)
-  if (nparam != 3 || !is_f32(dtypes[0]) || ndims[0] != 3) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const int64_t frames = static_cast<int64_t>(static_cast<const float *>(params[1])[0]);
-  float *y = static_cast<float *>(params[2]);
-  const int64_t bf = shapes[0][0], plane = shapes[0][1] * shapes[0][2];
-  if (frames < 1 || bf % frames != 0 || shapes[2][1] != 2 * shapes[0][1]) return 2;
-#pragma omp parallel for schedule(static)
-  for (int64_t item = 0; item < bf; ++item) {
-    const int64_t first = item - item % frames;
-    const int64_t previous = item == first ? first : item - 1;
-    std::memcpy(y + item * 2 * plane, x + first * plane, sizeof(float) * plane);
-    std::memcpy(y + item * 2 * plane + plane, x + previous * plane, sizeof(float) * plane);
-  }
-  return 0;
-}
-
-int sparse_causal_backward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  // inputs: dy ((B F), 2D, C), scalars [frames]; output dx ((B F), D, C)
-  if (nparam != 3 || !is_f32(dtypes[0]) || ndims[0] != 3) return 1;
-  const float *dy = static_cast<const float *>(params[0]);
-  const int64_t frames = static_cast<int64_t>(static_cast<const float *>(params[1])[0]);
-  float *dx = static_cast<float *>(params[2]);
-  const int64_t bf = shapes[2][0], plane = shapes[2][1] * shapes[2][2];
-  if (frames < 1 || bf % frames != 0 || shapes[0][1] != 2 * shapes[2][1]) return 2;
-  const int64_t videos = bf / frames;
-  constexpr int64_t kChunk = 4096;
-  const int64_t chunks = (plane + kChunk - 1) / kChunk;
-  // Threads own disjoint (video, element range) blocks, so the sums over frames never race.
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t v = 0; v < videos; ++v)
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      const int64_t e0 = chunk * kChunk, e1 = e0 + kChunk < plane ? e0 + kChunk : plane;
-      const int64_t first = v * frames;
-      for (int64_t f = 0; f < frames; ++f) std::memset(dx + (first + f) * plane + e0, 0, sizeof(float) * (e1 - e0));
-      float *d_first = dx + first * plane;
-      for (int64_t i = 0; i < frames; ++i) {
-        const float *g = dy + (first + i) * 2 * plane;
-        float *d_previous = dx + (i == 0 ? first : first + i - 1) * plane;
-        for (int64_t e = e0; e < e1; ++e) d_first[e] += g[e];
-        for (int64_t e = e0; e < e1; ++e) d_previous[e] += g[plane + e];
-      }
-    }
-  return 0;
-}
-
 }  // namespace
 
 extern "C" {
-
-int sparse_causal_fwd(int n, void **p, int *nd, int64_t **s, const char **t, void *, void *) {
-  return sparse_causal_forward(n, p, nd, s, t);
-}
-int sparse_causal_bwd(int n, void **p, int *nd, int64_t **s, const char **t, void *, void *) {
-  return sparse_causal_backward(n, p, nd, s, t);
-}
-
-int swap_middle_axes(int n, void **p, int *nd, int64_t **s, const char **t, void *, void *) {
-  return swap_middle_axes_impl(n, p, nd, s, t);
-}
 
 int group_norm_fwd(int n, void **p, int *nd, int64_t **s, const char **t, void *, void *) {
   return group_norm_forward<false>(n, p, nd, s, t);
