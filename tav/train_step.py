@@ -76,21 +76,23 @@ class LossAndGradients(nn.Cell):
 
     def __init__(self, loss, weights):
         super().__init__()
-        weights = [w[1] if isinstance(w, tuple) else w for w in weights]
+        if not isinstance(weights, ms.ParameterTuple):  # a list of Parameters as weights ran slower (docs/training.md)
+            weights = ms.ParameterTuple([w[1] if isinstance(w, tuple) else w for w in weights])
         self.loss = loss
-        self.grad_fn = ms.value_and_grad(loss, None, ms.ParameterTuple(weights))
+        self.grad_fn = ms.value_and_grad(loss, None, weights)
         _warn_if_pynative()
 
     def construct(self, *inputs):
         return self.grad_fn(*inputs)
 
 
-_warned_pynative = []
+_pynative_warned = False
 
 
 def _warn_if_pynative():
-    if ms.get_context("mode") == ms.PYNATIVE_MODE and not _warned_pynative:
-        _warned_pynative.append(True)
+    global _pynative_warned
+    if ms.get_context("mode") == ms.PYNATIVE_MODE and not _pynative_warned:
+        _pynative_warned = True
         logger.warning("the gradient graph runs in PYNATIVE_MODE, op by op (several times slower on CPU); call "
                        "mindspore.set_context(mode=mindspore.GRAPH_MODE) first (tools/train.py does)")
 
