@@ -518,6 +518,12 @@ def default_directory_mode():
     return 0o777 & ~umask
 
 
+def default_file_mode():
+    """The mode open() would give a new file (0o666 less the umask): mkstemp's files are private (0o600), but a
+    written video or frame is an ordinary output file."""
+    return default_directory_mode() & 0o666
+
+
 def replace_directory_atomically(final_path, fill):
     """Fill a new folder and put it at `final_path` in one rename, replacing any folder there.
 

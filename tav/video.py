@@ -9,50 +9,10 @@ Writing mirrors the official ``save_videos_grid``: a torchvision ``make_grid`` l
 ``(x * 255).astype(uint8)``, GIF at ``fps`` frames per second. We add mp4 and png-folder output and make every
 write atomic.
 
-Decoding and resizing: two backends, chosen by ``resize_backend``
------------------------------------------------------------------
-``"ffmpeg"`` (the default whenever imageio-ffmpeg's binary is present, which requirements.txt guarantees) decodes
-and scales in one ffmpeg filter graph, ``scale=W:H:flags=bilinear`` straight to rgb24, one output frame per
-decoded frame, single-threaded filtering -- the graph decord builds (``scale=W:H`` into an rgb24 buffersink).
-Why ``bilinear``: decord passes no scaler flags, so the ``scale`` filter's own default applies, and in the FFmpeg
-4.x libavfilter of the decord 0.6.0 wheels (its build script compiles an FFmpeg snapshot; 0.6.0 is from June 2021)
-that default is ``flags="bilinear"``. libswscale's own default, which the ``ffmpeg`` command line passes and which
-later libavfilter versions fall back to (the bundled 9.x lists the filter default as ``""``), is ``bicubic``. So
-"FFmpeg's default" depends on who builds the graph; for decord 0.6.0 it is bilinear, and ``scale_flags="bicubic"``
-gives the other. Colour: like that libavfilter, libswscale here honours the stream's YCbCr tag (BT.709 for
-man-skiing and man-surfing). With the same FFmpeg version this should be pixel-exact with decord; the bundled
-binary is 9.x, whose libswscale arithmetic may differ slightly from 4.x. Not checked against decord itself
-(decord is not installed here).
-
-``"opencv"`` decodes with ``cv2.VideoCapture`` (frames counted by decoding, not from CAP_PROP_FRAME_COUNT) and
-resizes with ``cv2.resize``. It is the fallback when no ffmpeg binary is found. Measured against the ffmpeg graph
-above, 718x718 -> 512x512 (mean / max absolute difference over all RGB values; frame 0 of man-skiing.mp4, then
-its 24 official frames 0, 2, ..., 46):
-
-=================  ========================  ========================  =====================  =====================
-cv2 interpolation  frame 0, ``bilinear``     frame 0, ``bicubic``      24 frames, bilinear    24 frames, bicubic
-=================  ========================  ========================  =====================  =====================
-INTER_AREA         1.906 / 46                1.936 / 44                1.717 / 46             1.745 / 54
-INTER_LINEAR       1.896 / 57                1.894 / 54                1.708 / 64             1.701 / 58
-INTER_CUBIC        2.013 / 65                1.949 / 62                1.822 / 74             1.754 / 68
-=================  ========================  ========================  =====================  =====================
-
-Same 24-frame comparison against ``bilinear``: man-surfing (656 -> 512, frames 0..23) AREA 2.557/23,
-LINEAR 2.546/52, CUBIC 2.700/61; rabbit-watermelon (718 -> 512) AREA 0.838/19, LINEAR 0.923/44, CUBIC 1.138/54.
-INTER_CUBIC is the worst everywhere, even against swscale's bicubic: swscale widens its kernel to the source
-footprint when shrinking, cv2's cubic does not. The interpolation is not the main error, though: OpenCV 4.11
-converts YUV to RGB with the BT.601 matrix even when the stream is tagged BT.709 (man-skiing and man-surfing are;
-cv2's native-size frames equal ffmpeg's ``in_color_matrix=bt601`` output exactly), while libswscale honours the
-tag -- that alone is 0.95 / 34 (skiing) and 1.90 / 15 (surfing) before any resizing. Even on ffmpeg-decoded
-native frames no cv2 interpolation gets below about 1.1 mean, because libswscale resizes the subsampled chroma
-planes before converting to RGB. Hence ffmpeg is the default. For the OpenCV path we use INTER_AREA when
-shrinking (against swscale bilinear: mean within 0.01 of INTER_LINEAR on skiing and surfing, 0.09 lower on
-rabbit-watermelon, and a far lower max everywhere) and INTER_LINEAR when enlarging (96 -> 256: 0.10 / 1 against
-swscale bilinear, where INTER_AREA gives 1.39 / 46).
-
-GIFs and folders of images: the ffmpeg backend decodes a GIF like any other file (so does decord, through
-libavformat); the OpenCV backend reads GIFs through imageio. A folder of images (sorted by file name) is read with
-OpenCV and resized with the OpenCV rule above in either backend.
+Decoding and resizing: two backends, chosen by ``resize_backend``: ``"ffmpeg"`` (default; one ffmpeg filter graph
+``scale=W:H:flags=bilinear`` to rgb24, the graph decord 0.6.0 builds) and ``"opencv"`` (the fallback without an
+ffmpeg binary; INTER_AREA to shrink, INTER_LINEAR to enlarge). docs/video.md says how frames are decoded and why
+those defaults, with the measurements behind them.
 """
 from __future__ import annotations
 
@@ -60,7 +20,6 @@ import functools
 import math
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import warnings
@@ -68,6 +27,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from tav.checkpoint import default_file_mode, replace_directory_atomically
+from tav.checks import SIZE_RULE, is_int, is_pixel_size
 
 __all__ = [
     "VideoError",
@@ -83,7 +45,7 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 WRITE_FORMATS = ("gif", "mp4", "png")
-# decord 0.6.0 + FFmpeg 4.x libavfilter: the scale filter's own default (see the module docstring).
+# decord 0.6.0 + FFmpeg 4.x libavfilter: the scale filter's own default (docs/video.md).
 DECORD_SCALE_FLAGS = "bilinear"
 
 
@@ -95,7 +57,7 @@ class VideoError(ValueError):
 # reading
 # ----------------------------------------------------------------------------------------------------------------
 def read_video_frames(path, n_sample_frames, sample_start_idx=0, sample_frame_rate=1, height=512, width=512, *,
-                      resize_backend="auto", scale_flags=DECORD_SCALE_FLAGS, interpolation=None):
+                      resize_backend="auto", scale_flags=DECORD_SCALE_FLAGS, interpolation=None, option_names=None):
     """Decode the official frame selection of a clip, resized to ``width x height``: uint8 ``(F, H, W, 3)`` RGB.
 
     Frames ``range(sample_start_idx, num_frames_in_file, sample_frame_rate)[:n_sample_frames]``; fewer than
@@ -104,10 +66,18 @@ def read_video_frames(path, n_sample_frames, sample_start_idx=0, sample_frame_ra
     ``resize_backend``: ``"ffmpeg"`` (decord's own decode+scale graph), ``"opencv"``, or ``"auto"`` (ffmpeg when
     imageio-ffmpeg's binary is available, else OpenCV with a warning). ``scale_flags`` is the libswscale algorithm
     of the ffmpeg backend; ``interpolation`` overrides the OpenCV one (default: INTER_AREA to shrink,
-    INTER_LINEAR to enlarge). The module docstring has the measurements behind these defaults.
+    INTER_LINEAR to enlarge). docs/video.md has the measurements behind these defaults.
+
+    ``option_names`` maps this function's argument names to the names the caller's user typed (the sampling tool
+    passes ``{"n_sample_frames": "--video_length", ...}``), so errors speak of the option that was given.
     """
     path = Path(path)
-    _check_sampling(path, n_sample_frames, sample_start_idx, sample_frame_rate, height, width)
+    names = dict(option_names or {})
+
+    def name(argument):
+        return names.get(argument, argument)
+
+    _check_sampling(path, n_sample_frames, sample_start_idx, sample_frame_rate, height, width, name)
     if not path.exists():
         raise VideoError(f"video {path}: file not found (missing)")
     backend = _resolve_backend(resize_backend)
@@ -125,9 +95,9 @@ def read_video_frames(path, n_sample_frames, sample_start_idx=0, sample_frame_ra
     if len(frames) < n_sample_frames:
         available = len(range(sample_start_idx, n_total, sample_frame_rate))
         raise VideoError(
-            f"video {path} has {n_total} frames; sample_start_idx={sample_start_idx}, "
-            f"sample_frame_rate={sample_frame_rate} give only {available} of the "
-            f"n_sample_frames={n_sample_frames} requested (too few frames)")
+            f"video {path} has {n_total} frames; {name('sample_start_idx')}={sample_start_idx}, "
+            f"{name('sample_frame_rate')}={sample_frame_rate} give only {available} of the "
+            f"{name('n_sample_frames')}={n_sample_frames} requested (too few frames)")
     return np.stack(frames).astype(np.uint8, copy=False)
 
 
@@ -146,22 +116,20 @@ def load_video(path, n_sample_frames, sample_start_idx=0, sample_frame_rate=1, h
     return frames_to_pixel_values(frames)
 
 
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_sampling(path, n_sample_frames, sample_start_idx, sample_frame_rate, height, width):
+def _check_sampling(path, n_sample_frames, sample_start_idx, sample_frame_rate, height, width, name):
     # Cheap argument checks first, so a bad config fails before any file is opened.
-    if not _is_int(n_sample_frames) or n_sample_frames < 1:
-        raise VideoError(f"video {path}: n_sample_frames must be an integer >= 1, got {n_sample_frames!r}")
-    if not _is_int(sample_frame_rate) or sample_frame_rate < 1:
-        raise VideoError(f"video {path}: sample_frame_rate must be an integer >= 1, got {sample_frame_rate!r}")
-    if not _is_int(sample_start_idx) or sample_start_idx < 0:
-        raise VideoError(f"video {path}: sample_start_idx must be an integer >= 0, got {sample_start_idx!r}")
-    for name, value in (("height", height), ("width", width)):
-        # The VAE downsamples by 8; the official code would fail much later, inside the UNet.
-        if not _is_int(value) or value < 8 or value % 8:
-            raise VideoError(f"video {path}: {name} must be a positive multiple of 8, got {value!r}")
+    if not is_int(n_sample_frames) or n_sample_frames < 1:
+        raise VideoError(f"video {path}: {name('n_sample_frames')} must be an integer >= 1, got {n_sample_frames!r}")
+    if not is_int(sample_frame_rate) or sample_frame_rate < 1:
+        raise VideoError(f"video {path}: {name('sample_frame_rate')} must be an integer >= 1, got "
+                         f"{sample_frame_rate!r}")
+    if not is_int(sample_start_idx) or sample_start_idx < 0:
+        raise VideoError(f"video {path}: {name('sample_start_idx')} must be an integer >= 0, got "
+                         f"{sample_start_idx!r}")
+    for size_name, value in (("height", height), ("width", width)):
+        # The official code would fail much later, inside the UNet.
+        if not is_pixel_size(value):
+            raise VideoError(f"video {path}: {name(size_name)} must be {SIZE_RULE}, got {value!r}")
 
 
 def _ffmpeg_exe():
@@ -336,7 +304,7 @@ def make_grid_frames(videos, n_rows=4, padding=2):
     videos = video_to_uint8(videos)
     if videos.ndim != 5 or videos.shape[1] != 3:
         raise VideoError(f"make_grid_frames expects videos of shape (B, 3, F, H, W); got {videos.shape}")
-    if not _is_int(n_rows) or n_rows < 1:
+    if not is_int(n_rows) or n_rows < 1:
         raise VideoError(f"make_grid_frames: n_rows must be an integer >= 1, got {n_rows!r}")
     b, _, f, h, w = videos.shape
     frames = videos.transpose(0, 2, 3, 4, 1)  # (B, F, H, W, 3)
@@ -409,6 +377,7 @@ def write_video(frames, path, fps=8, fmt=None, *, crf=18):
     tmp = Path(tmp)
     try:
         _FILE_WRITERS[fmt](frames, tmp, fps, crf)
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would make every video private to its writer
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -442,28 +411,16 @@ _FILE_WRITERS = {"gif": _write_gif, "mp4": _write_mp4}
 
 
 def _write_png_folder_atomic(frames, folder):
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    old = None
-    try:
+    if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+        raise VideoError(f"output {folder}: exists and is not a folder; png output needs a folder there")
+
+    def fill(tmp):
         for i, frame in enumerate(frames):
-            target = tmp / f"{i:05d}.png"
+            target = Path(tmp) / f"{i:05d}.png"
             if not cv2.imwrite(str(target), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)):
                 raise VideoError(f"output {folder}: could not write frame {target.name}")
-        if folder.exists() or folder.is_symlink():
-            if not folder.is_dir():
-                raise VideoError(f"output {folder}: exists and is not a folder; png output needs a folder there")
-            # rename() cannot replace a non-empty folder: move the old one aside first, drop it once the new one
-            # is in place. A crash between the two renames leaves the old frames under the aside name, not lost.
-            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".old"))
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not folder.exists():
-            os.replace(old, folder)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+
+    replace_directory_atomically(folder, fill)
     return folder
 
 

@@ -1,4 +1,6 @@
 """tav.video: reading clips the official way, writing results atomically."""
+import os
+import stat
 from pathlib import Path
 
 import cv2
@@ -368,3 +370,36 @@ def test_demo_clip_as_gif(tmp_path):
     path = make_demo_clip(tmp_path / "demo.gif", n_frames=8, height=32, width=32)
     for backend in ("ffmpeg", "opencv"):
         assert read_video_frames(path, 8, height=32, width=32, resize_backend=backend).shape == (8, 32, 32, 3)
+
+
+@pytest.mark.parametrize("fmt", ["gif", "mp4"])
+def test_written_videos_get_ordinary_permissions_respecting_the_umask(tmp_path, fmt):
+    previous = os.umask(0o022)
+    try:
+        path = write_video(moving_frames(), tmp_path / f"clip.{fmt}")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644  # mkstemp alone leaves 0600
+        os.umask(0o002)
+        path = write_video(moving_frames(), tmp_path / f"shared.{fmt}")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o664
+    finally:
+        os.umask(previous)
+
+
+def test_png_folders_get_ordinary_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        folder = write_video(moving_frames(), tmp_path / "frames.png")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o755  # mkdtemp alone leaves 0700
+    assert {stat.S_IMODE(os.stat(f).st_mode) for f in folder.iterdir()} == {0o644}
+
+
+def test_errors_speak_of_the_callers_option_names(demo_mp4):
+    names = {"n_sample_frames": "--video_length", "sample_frame_rate": "--sample_frame_rate",
+             "sample_start_idx": "--sample_start_idx"}
+    with pytest.raises(VideoError, match="of the --video_length=10 requested") as info:
+        read_video_frames(demo_mp4, 10, sample_frame_rate=2, height=64, width=64, option_names=names)
+    assert "n_sample_frames" not in str(info.value)
+    with pytest.raises(VideoError, match="--height must be a positive multiple of 8, got 60"):
+        read_video_frames(demo_mp4, 4, height=60, width=64, option_names={"height": "--height"})
