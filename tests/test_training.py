@@ -659,3 +659,26 @@ def test_resuming_another_folders_checkpoint_into_an_occupied_output_dir_is_refu
     with pytest.raises(ConfigError, match=r"holds another run's outputs \(train.log\)"):
         training.train(elsewhere)
     assert os.listdir(out) == ["train.log"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A loop of your own
+
+
+def test_loss_and_gradients_takes_select_trainables_pairs(graph_mode):
+    """The documented fast path for a user's loop: a loss Cell and the (name, Parameter) pairs, in GRAPH_MODE."""
+    model = ScaleModel()
+
+    class Loss(ms.nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def construct(self, x, target):
+            return ms.ops.mean(ms.ops.square(self.model(x, None, None) - target))
+
+    x = np.arange(1.0, 5.0, dtype=np.float32)
+    target = np.zeros(4, np.float32)
+    loss, grads = train_step.LossAndGradients(Loss(), [("w", model.w)])(ms.Tensor(x), ms.Tensor(target))
+    assert float(loss.asnumpy()) == pytest.approx(np.mean((0.3 * x) ** 2), rel=1e-6)
+    assert float(grads[0].asnumpy()[0]) == pytest.approx(np.mean(2 * 0.3 * x * x), rel=1e-6)
