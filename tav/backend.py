@@ -18,7 +18,7 @@ DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
 MODES = {0: ms.GRAPH_MODE, 1: ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
 
 # Op flavours. "mint" = the Ascend-first `mindspore.mint` ops (fast there, many lack CPU kernels);
-# "classic" = the `nn`/`ops` ops that have CPU and GPU kernels (see docs: mindspore-cpu.md).
+# "classic" = the `nn`/`ops` ops that have CPU and GPU kernels in MindSpore 2.10.
 FLAVOUR_MINT = "mint"
 FLAVOUR_CLASSIC = "classic"
 

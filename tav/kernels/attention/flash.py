@@ -2,7 +2,7 @@
 
 Limits, from the `mindspore.ops.flash_attention_score` docstring of the pinned MindSpore 2.10.0 (same text on
 mindspore.cn/docs/en/r2.5.0 and .../stable/api_python/ops/mindspore.ops.flash_attention_score.html):
-  - Atlas A2 training series (910B) only; "Supported Platforms: Ascend". No CPU or GPU kernel (mindspore-cpu.md).
+  - Atlas A2 training series (910B) only; "Supported Platforms: Ascend". No CPU or GPU kernel.
   - query/key/value dtype float16 or bfloat16 (TypeError otherwise).
   - B 1..2k, S1 (queries) and S2 (keys) 1..512k, N1 (heads) 1..256.
   - D (head dim) a multiple of 16, at most 512.

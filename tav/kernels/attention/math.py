@@ -1,8 +1,8 @@
 """Exact softmax attention from matmul + softmax: the reference every other backend is measured against.
 
-Semantics are diffusers 0.11 `CrossAttention` (reference doc §1.11): heads split batch-major/head-minor, scores
+Semantics are diffusers 0.11 `CrossAttention`: heads split batch-major/head-minor, scores
 scaled by D^-0.5, softmax over keys, probabilities cast to v's dtype before the product with v. Built only from
-ops with CPU kernels (ops.BatchMatMul, ops.softmax; see mindspore-cpu.md) so it runs on every device.
+ops that have CPU, GPU and Ascend kernels in MindSpore 2.10 (ops.BatchMatMul, ops.softmax), so it runs everywhere.
 """
 import mindspore as ms
 from mindspore import ops
