@@ -7,7 +7,7 @@ setup(
     python_requires=">=3.9",
     # tav/kernels/ sits inside the package, so a plain checkout, an editable install and a wheel all import it
     # by the same path (no package_dir mapping, no run-time alias).
-    packages=["tav", "tav.models", "tav.kernels", "tav.kernels.attention", "tav.kernels.cpu"],
+    packages=["tav", "tav.models", "tav.kernels", "tav.kernels.attention_backends", "tav.kernels.cpu"],
     # The native CPU kernels ship as C++ sources and are compiled on first use (tav/kernels/cpu/build.py).
     package_data={"tav.kernels.cpu": ["*.cc", "*.h"]},
     install_requires=[

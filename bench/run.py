@@ -59,7 +59,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls; the table shows their median")
     parser.add_argument("--chunk-budget", type=int, default=None,
-                        help="score elements per block for the chunked rows (default: tav.kernels.attention.chunked's)")
+                        help="score elements per block for the chunked rows (default: tav.kernels.attention_backends.chunked's)")
     parser.add_argument("--weights", default=None,
                         help="safetensors file loaded into both models (tav: all keys; diffusers: minus _temp. keys)")
     parser.add_argument("--export-weights", default=None, metavar="FILE",

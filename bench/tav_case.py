@@ -29,7 +29,7 @@ def configure(case):
     ms.set_context(mode=ms.GRAPH_MODE if case["mode"] == "graph" else ms.PYNATIVE_MODE)
     ms.set_seed(0)
     if case.get("chunk_budget"):
-        import tav.kernels.attention.chunked as chunked
+        import tav.kernels.attention_backends.chunked as chunked
 
         chunked.SCORE_BLOCK_ELEMENTS = int(case["chunk_budget"])
     return {"ms_op_threads": case["threads"], "mindspore": ms.__version__}

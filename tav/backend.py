@@ -3,7 +3,7 @@
 Everything device-dependent asks this module: which device target MindSpore runs on, which op flavour the
 portable layer (tav/nn.py) should build with, whether the native CPU kernels are switched on, and how a train
 step's update and graph compilation should run here. What each attention backend needs of the device is declared
-by the backend itself (tav/kernels/attention/dispatch.py); whether a native kernel also builds is
+by the backend itself (tav/kernels/attention_backends/dispatch.py); whether a native kernel also builds is
 tav.kernels.cpu.use_native_kernel's question. Model code never branches on the device itself.
 """
 import contextlib

@@ -19,8 +19,8 @@ from tav.kernels import (
     resolve_backend,
     unpad_head_dim,
 )
-from tav.kernels.attention import chunked as chunked_backend
-from tav.kernels.attention import dispatch
+from tav.kernels.attention_backends import chunked as chunked_backend
+from tav.kernels.attention_backends import dispatch
 from tav.kernels.cpu import build as native
 
 @pytest.fixture

@@ -1,13 +1,14 @@
 """tav's kernels, by role.
 
-    attention/   attention backends (math, chunked, flash, native) and their dispatch: attention(),
-                 resolve_backend, ATTENTION_BACKENDS (the one list of backend names), AttentionKernel
-    cpu/         the native CPU kernel library: its build, the AOT-op calling convention and one Python wrapper
-                 per C++ source (conv, linear, norms, layout, attention, optim)
+    attention_backends/  attention backends (math, chunked, flash, native) and their dispatch: attention(),
+                         resolve_backend, ATTENTION_BACKENDS (the one list of backend names), AttentionKernel.
+                         Not `attention/`: `tav.kernels.attention` is the function, which would shadow it.
+    cpu/                 the native CPU kernel library: its build, the AOT-op calling convention and one Python
+                         wrapper per C++ source (conv, linear, norms, layout, attention, optim)
 
 The names below are the public surface (`from tav.kernels import attention, ATTENTION_BACKENDS, ...`).
 """
-from .attention import (
+from .attention_backends import (
     ATTENTION_BACKENDS,
     SCORE_BLOCK_ELEMENTS,
     AttentionKernel,

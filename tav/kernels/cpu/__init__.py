@@ -9,7 +9,7 @@
     attention.py   attention.cc  fused (flash-style) softmax attention, forward and backward
     optim.py       optim.cc      AdamW (an AOT op and host functions through ctypes)
 
-Every kernel has a portable twin made of MindSpore ops (tav/nn.py, tav/models, tav/kernels/attention), which is
+Every kernel has a portable twin made of MindSpore ops (tav/nn.py, tav/models, tav/kernels/attention_backends), which is
 what other devices run and what the tests compare against. What each kernel does and how it was measured:
 docs/kernels.md.
 """
