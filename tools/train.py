@@ -21,14 +21,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tav.cli import run_cli  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="training YAML (the official Tune-A-Video format)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--device_target", choices=["Ascend", "CPU", "GPU"], help="overrides the config's device_target")
-    p.add_argument("--mode", type=int, choices=[0, 1], help="0 graph (default), 1 pynative (the step is compiled "
-                                                             "either way)")
+    p.add_argument("--mode", type=int, choices=[0, 1], help="0 graph (default), 1 pynative (the train step then runs "
+                                                             "op by op, several times slower)")
     p.add_argument("--jit_level", choices=["O0", "O1", "O2"])
     p.add_argument("--resume_from_checkpoint", metavar="latest|PATH",
                    help="continue from the newest checkpoint-N in output_dir (latest) or from a checkpoint folder")
@@ -79,24 +81,15 @@ def ensure_demo_assets(config):
 def main(argv=None):
     args = parse_args(argv)
     from tav import backend
-    from tav.checkpoint import CheckpointError
-    from tav.config import ConfigError, load_train_config
-    from tav.training import TrainingError, train
-    from tav.video import VideoError
+    from tav.config import load_train_config
+    from tav.training import train
 
-    try:
-        config = load_train_config(args.config, command_line_overrides(args))
-        backend.configure(device_target=config.device_target, mode=config.mode, jit_level=config.jit_level)
-        setup_console_logging()
-        ensure_demo_assets(config)
-        train(config)
-    except (ConfigError, TrainingError, CheckpointError, VideoError) as exc:  # bad input: one line, no traceback
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    config = load_train_config(args.config, command_line_overrides(args))
+    backend.configure(device_target=config.device_target, mode=config.mode, jit_level=config.jit_level)
+    setup_console_logging()
+    ensure_demo_assets(config)
+    train(config)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))  # a bad input: one `error: ...` line and exit 1; --debug shows the traceback
