@@ -145,6 +145,7 @@ def torch_copy_of(model, torch):
     return module
 
 
+@pytest.mark.parity
 def test_bin_from_torch_module_matches_safetensors(tmp_path):
     torch = pytest.importorskip("torch", reason=TORCH_REASON)
     model = make_model(0)
@@ -181,6 +182,7 @@ def torch_reference(tensors, torch):
     }
 
 
+@pytest.mark.parity
 def test_bin_reads_views_offsets_and_dtypes_like_torch(tmp_path):
     torch = pytest.importorskip("torch", reason=TORCH_REASON)
     tensors = special_tensors(torch)
@@ -197,6 +199,7 @@ def test_bin_reads_views_offsets_and_dtypes_like_torch(tmp_path):
     np.testing.assert_array_equal(state["offset_slice"], np.arange(7, 12) * 0.5 - 3)
 
 
+@pytest.mark.parity
 def test_bin_reader_never_imports_torch(tmp_path):
     torch = pytest.importorskip("torch", reason=TORCH_REASON)
     tensors = special_tensors(torch)
@@ -539,6 +542,7 @@ def test_sharded_index_with_tensor_absent_from_its_shard_names_it(tmp_path):
         read_state_dict(tmp_path / "diffusion_pytorch_model.safetensors.index.json")
 
 
+@pytest.mark.parity
 def test_sharded_bin_index_is_read(tmp_path):
     torch = pytest.importorskip("torch", reason=TORCH_REASON)
     state = cell_state_dict(make_model(0))

@@ -127,6 +127,7 @@ def test_inversion_walks_timesteps_upwards_and_returns_every_latent(inputs):
     assert all(call[0] == B for call in unet.calls)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("steps", [50, 10])
 def test_inversion_matches_the_official_next_step(inputs, steps):
     torch, diffusers = _torch_and_diffusers()
@@ -179,6 +180,7 @@ def _sample(unet, inputs, steps=50, guidance_scale=7.5, uncond=True, **options):
     return final, trajectory
 
 
+@pytest.mark.parity
 def test_sampling_with_guidance_matches_the_official_loop(inputs):
     torch, diffusers = _torch_and_diffusers()
     latents, cond, uncond = inputs
@@ -202,6 +204,7 @@ def test_guidance_is_one_unet_call_of_batch_2b_with_uncond_first(inputs):
     np.testing.assert_array_equal(context, np.concatenate([uncond, cond]))
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("guidance_scale, uncond", [(1.0, True), (0.5, True), (7.5, False)])
 def test_no_guidance_is_a_single_batch_path(inputs, guidance_scale, uncond):
     torch, diffusers = _torch_and_diffusers()
@@ -228,6 +231,7 @@ def test_uncond_embedding_of_batch_one_is_broadcast(inputs):
     np.testing.assert_array_equal(final.asnumpy(), expected.asnumpy())
 
 
+@pytest.mark.parity
 def test_sampling_with_eta_matches_diffusers_given_the_same_noise(inputs):
     torch, diffusers = _torch_and_diffusers()
     latents, cond, uncond = inputs

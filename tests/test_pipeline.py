@@ -14,7 +14,7 @@ from tav import checkpoint, generate, tiny
 from tav.pipeline import PipelineError, TuneAVideoPipeline
 from tav.tiny import make_demo_clip
 from tav.video import VideoError, read_video_frames
-from tests.conftest import REPO_ROOT, import_parity_extra
+from tests.helpers import REPO_ROOT, import_parity_extra
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,7 @@ def to_bin_folder(src, dst):
         os.remove(st)
 
 
+@pytest.mark.parity
 def test_bin_and_safetensors_pipelines_give_identical_outputs(tiny_model, tmp_path, pynative):
     to_bin_folder(tiny_model, str(tmp_path / "bin"))
     outputs = []

@@ -66,6 +66,7 @@ def pair(request):
     return DDIMScheduler.from_config(config), diffusers.DDIMScheduler.from_config(config), torch
 
 
+@pytest.mark.parity
 def test_alphas_cumprod_and_final_alpha_match_diffusers(pair, request):
     ours, ref, _ = pair
     rtol = SCHEDULE_RTOL.get(request.node.callspec.params["pair"], 1e-6)
@@ -75,6 +76,7 @@ def test_alphas_cumprod_and_final_alpha_match_diffusers(pair, request):
     assert float(ours.final_alpha_cumprod) == pytest.approx(float(ref.final_alpha_cumprod), rel=1e-6)
 
 
+@pytest.mark.parity
 def test_sd_alphas_cumprod_are_bit_identical_to_diffusers():
     _, diffusers = _torch_and_diffusers()
     ours, ref = DDIMScheduler.from_config(SD), diffusers.DDIMScheduler.from_config(SD)
@@ -85,6 +87,7 @@ def test_sd_alphas_cumprod_are_bit_identical_to_diffusers():
     assert ours.alphas_cumprod[999] == pytest.approx(0.0046601, abs=1e-6)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("steps", [50, 20, 7, 1])
 def test_set_timesteps_matches_diffusers(pair, steps):
     ours, ref, _ = pair
@@ -101,6 +104,7 @@ def test_sd_50_steps_are_981_down_to_1():
     assert scheduler.init_noise_sigma == 1.0
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("eta", [0.0, 0.6])
 def test_step_matches_diffusers(pair, eta):
     ours, ref, torch = pair
@@ -121,6 +125,7 @@ def test_step_matches_diffusers(pair, eta):
         assert_close(got.pred_original_sample.asnumpy(), expected.pred_original_sample.numpy(), scale=unclipped)
 
 
+@pytest.mark.parity
 def test_step_with_clipped_model_output_matches_diffusers():
     torch, diffusers = _torch_and_diffusers()
     config = CONFIGS["clip_sample"]
@@ -177,6 +182,7 @@ def test_step_before_set_timesteps_is_an_error():
         scheduler.step(ms.Tensor(_rand(1)), 981, ms.Tensor(_rand(2)))
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("dtype", [ms.float32, ms.float16])
 def test_add_noise_and_get_velocity_match_diffusers(pair, dtype):
     ours, ref, torch = pair
@@ -245,6 +251,7 @@ def test_from_config_missing_file_names_the_path(tmp_path):
         DDIMScheduler.from_config(tmp_path)
 
 
+@pytest.mark.parity
 def test_from_config_sd14_pndm_dict_resolves_like_diffusers():
     _, diffusers = _torch_and_diffusers()
     ours = DDIMScheduler.from_config(SD14_PNDM)

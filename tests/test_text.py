@@ -117,6 +117,7 @@ def test_tokenizer_without_merges_names_the_file(tmp_path):
 # --- text encoder ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parity
 def test_tiny_text_encoder_keys_are_transformers_keys(pipeline_dir):
     torch = pytest.importorskip("torch", reason="parity extra not installed")
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -128,6 +129,7 @@ def test_tiny_text_encoder_keys_are_transformers_keys(pipeline_dir):
     assert {k: tuple(v.shape) for k, v in reference.items()} == ours
 
 
+@pytest.mark.parity
 def test_text_encoder_matches_transformers_pytorch(ms_mode, pipeline_dir, tokenizer, text_encoder):
     torch = pytest.importorskip("torch", reason="parity extra not installed")
     from transformers import CLIPTextModel
@@ -142,6 +144,7 @@ def test_text_encoder_matches_transformers_pytorch(ms_mode, pipeline_dir, tokeni
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parity
 def test_bin_only_text_encoder_loads_without_torch_and_matches_safetensors(
     tmp_path, monkeypatch, tokenizer, text_encoder
 ):

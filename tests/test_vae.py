@@ -22,7 +22,7 @@ from tav.models.vae import (
     standard_normal,
     video_to_latents,
 )
-from tests.conftest import import_parity_extra
+from tests.helpers import import_parity_extra
 
 TINY = {
     "block_out_channels": [32, 64],
@@ -110,6 +110,7 @@ def reference_state_dict(reference):
 # Config
 
 
+@pytest.mark.parity
 def test_config_defaults_are_diffusers_defaults():
     _, diffusers = import_parity_extra()
     signature = inspect.signature(diffusers.AutoencoderKL.__init__).parameters
@@ -149,12 +150,14 @@ def test_unsupported_config_values_raise_naming_the_field(field, value):
     assert "some/vae/config.json" in str(info.value)
 
 
+@pytest.mark.parity
 def test_parameter_names_and_shapes_are_diffusers_keys(reference):
     expected = {name: tuple(t.shape) for name, t in reference["model"].state_dict().items()}
     ours = {name: tuple(p.shape) for name, p in tiny_vae().parameters_and_names()}
     assert ours == expected
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize(
     "overrides",
     [{"mid_block_add_attention": False}, {"use_quant_conv": False, "use_post_quant_conv": False},
@@ -168,6 +171,7 @@ def test_parameter_names_follow_config_switches(reference, overrides):
     assert ours == expected
 
 
+@pytest.mark.parity
 def test_stable_diffusion_config_builds_diffusers_keys():
     _, diffusers = import_parity_extra()
     sd = {"block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -181,6 +185,7 @@ def test_stable_diffusion_config_builds_diffusers_keys():
 # Parity with diffusers
 
 
+@pytest.mark.parity
 def test_matches_diffusers(reference, ms_mode):
     out = reference["out"]
     for name in ("mean", "std", "decoded"):  # outputs large enough that a wrong model cannot pass by being ~0
@@ -202,6 +207,7 @@ def test_matches_diffusers(reference, ms_mode):
 # Checkpoint spellings and formats
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("shape", ["linear", "conv1x1"])
 def test_old_attention_key_names_load_to_the_same_model(tmp_path, reference, pynative, shape):
     state_dict = {}
@@ -234,6 +240,7 @@ def test_rename_legacy_attention_keys_leaves_other_keys_alone():
         rename_legacy_attention_keys({"a.attentions.0.query.weight": weight, "a.attentions.0.to_q.weight": weight})
 
 
+@pytest.mark.parity
 def test_bin_and_safetensors_give_identical_models(tmp_path, reference, pynative):
     torch = reference["torch"]
     folder = folder_with(tmp_path, reference)
@@ -245,6 +252,7 @@ def test_bin_and_safetensors_give_identical_models(tmp_path, reference, pynative
     assert max_abs(from_bin(x), from_safetensors(x)) == 0.0
 
 
+@pytest.mark.parity
 def test_pipeline_folder_with_vae_subfolder_loads(tmp_path, reference):
     shutil.copytree(reference["folder"], tmp_path / "vae")
     assert_same_params(AutoencoderKL.from_pretrained(tmp_path), AutoencoderKL.from_pretrained(reference["folder"]))
@@ -263,6 +271,7 @@ def test_save_then_load_is_bit_exact(tmp_path):
     assert loaded.config == vae.config and loaded.scaling_factor == 0.5 and loaded.shift_factor == 0.1
 
 
+@pytest.mark.parity
 def test_fp16_weights_load_and_save_as_fp16(tmp_path, reference):
     vae = AutoencoderKL.from_pretrained(reference["folder"], dtype=ms.float16)
     assert {p.dtype for _, p in vae.parameters_and_names()} == {ms.float16}
@@ -275,6 +284,7 @@ def test_fp16_weights_load_and_save_as_fp16(tmp_path, reference):
     assert {p.dtype for _, p in fp32_from_fp16.parameters_and_names()} == {ms.float32}
 
 
+@pytest.mark.parity
 def test_fp16_model_decodes_close_to_fp32(reference, pynative):
     z = ms.Tensor(reference["out"]["mean"][:1])  # an fp32 input: the model casts it to its own dtype
     decoded = AutoencoderKL.from_pretrained(reference["folder"], dtype=ms.float16).decode(z)
@@ -282,6 +292,7 @@ def test_fp16_model_decodes_close_to_fp32(reference, pynative):
     assert max_abs(decoded, reference["out"]["decoded"][:1]) < 2e-2
 
 
+@pytest.mark.parity
 def test_diffusers_loads_what_tav_saves(tmp_path, reference):
     tav_vae = AutoencoderKL.from_pretrained(reference["folder"])
     tav_vae.save_pretrained(tmp_path / "tav")
@@ -303,6 +314,7 @@ def test_missing_config_is_named(tmp_path):
         AutoencoderKL.from_pretrained(tmp_path)
 
 
+@pytest.mark.parity
 def test_missing_weights_are_named(tmp_path, reference):
     folder = folder_with(tmp_path, reference)
     with pytest.raises(checkpoint.CheckpointNotFoundError, match="diffusion_pytorch_model") as info:
@@ -310,6 +322,7 @@ def test_missing_weights_are_named(tmp_path, reference):
     assert str(folder) in str(info.value)
 
 
+@pytest.mark.parity
 def test_wrong_shape_weight_is_named(tmp_path, reference):
     state_dict = reference_state_dict(reference)
     state_dict["decoder.conv_out.weight"] = np.zeros((3, 32, 1, 1), np.float32)
@@ -317,6 +330,7 @@ def test_wrong_shape_weight_is_named(tmp_path, reference):
         AutoencoderKL.from_pretrained(folder_with(tmp_path, reference, state_dict))
 
 
+@pytest.mark.parity
 def test_missing_weight_is_named(tmp_path, reference):
     state_dict = reference_state_dict(reference)
     del state_dict["encoder.mid_block.attentions.0.to_v.bias"]
@@ -324,6 +338,7 @@ def test_missing_weight_is_named(tmp_path, reference):
         AutoencoderKL.from_pretrained(folder_with(tmp_path, reference, state_dict))
 
 
+@pytest.mark.parity
 def test_unsupported_config_in_a_folder_names_the_file(tmp_path, reference):
     folder = folder_with(tmp_path, reference, reference_state_dict(reference))
     config = json.loads((folder / "config.json").read_text())

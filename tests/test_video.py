@@ -12,26 +12,25 @@ from PIL import Image
 
 from tav import video
 from tav.tiny import make_demo_clip
+from tests.helpers import REPO_ROOT, SHARED_DATA
 from tav.video import (VideoError, check_writable_dir, frames_to_pixel_values, load_video, make_grid_frames,
                        read_video_frames, save_videos_grid, video_to_uint8, write_video)
 
-# The official source clips live beside the repository (they must not be copied into it).
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def real_clip(name):
-    path = DATA_DIR / name
+    """One of the official clips (beside the repository, never in it); the tests using them check decoding against
+    real footage and skip without it. Every other test here runs on generated clips."""
+    path = SHARED_DATA / name
     if not path.is_file():
-        reason = f"{path} not found: the official source clips are expected in {DATA_DIR}"
-        print(reason)
-        pytest.skip(reason)
+        pytest.skip(f"{path} not found: the official source clips are expected in {SHARED_DATA}")
     return path
 
 
 def official_train_data(name):
-    """train_data of the official YAML config, exactly as published."""
+    """train_data of the official YAML config (the copy shipped in configs/)."""
     from omegaconf import OmegaConf
-    return OmegaConf.load(real_clip(f"{name}.yaml")).train_data
+    return OmegaConf.load(REPO_ROOT / "configs" / f"{name}.yaml").train_data
 
 
 def decode_with_cv2(path, n_frames):
@@ -115,6 +114,14 @@ def test_man_surfing_official_config_is_the_first_24_frames():
 def test_start_index_offsets_the_strided_selection(skiing_consecutive):
     frames = read_video_frames(real_clip("man-skiing.mp4"), 4, sample_start_idx=10, sample_frame_rate=3)
     np.testing.assert_array_equal(frames, skiing_consecutive[10:22:3])
+
+
+def test_stride_and_start_select_the_official_indices_of_a_generated_clip(tmp_path):
+    clip = make_demo_clip(tmp_path / "frames.png", n_frames=16, height=32, width=32, seed=5)  # lossless
+    every = read_video_frames(clip, 16, 0, 1, 32, 32)
+    assert not any(np.array_equal(every[i], every[i + 1]) for i in range(15))  # each frame tells its index
+    np.testing.assert_array_equal(read_video_frames(clip, 8, 0, 2, 32, 32), every[0:16:2])
+    np.testing.assert_array_equal(read_video_frames(clip, 4, 3, 3, 32, 32), every[3:15:3])
 
 
 # ---------------------------------------------------------------------------------------------- pixel values
