@@ -682,3 +682,15 @@ def test_loss_and_gradients_takes_select_trainables_pairs(graph_mode):
     loss, grads = train_step.LossAndGradients(Loss(), [("w", model.w)])(ms.Tensor(x), ms.Tensor(target))
     assert float(loss.asnumpy()) == pytest.approx(np.mean((0.3 * x) ** 2), rel=1e-6)
     assert float(grads[0].asnumpy()[0]) == pytest.approx(np.mean(2 * 0.3 * x * x), rel=1e-6)
+
+
+def test_train_leaves_the_process_as_it_found_it(small_pipeline, clip, tmp_path, monkeypatch, pynative):
+    """The execution mode and console logging belong to the caller (tools/train.py): a config asking for
+    GRAPH_MODE does not switch it, and the train.log handler is gone once train() returns."""
+    import logging
+
+    fake_train_step(monkeypatch, nan_at=None)
+    handlers = list(logging.getLogger("tav.train").handlers)
+    training.train(run_config(small_pipeline, tmp_path / "out", clip, max_train_steps=1, mode=0))
+    assert ms.get_context("mode") == ms.PYNATIVE_MODE
+    assert logging.getLogger("tav.train").handlers == handlers
