@@ -7,7 +7,6 @@ import pytest
 from mindspore import nn, ops
 
 import tav.backend
-from tav import kernels
 from tav.kernels import (
     ATTENTION_BACKENDS,
     attention,

@@ -6,7 +6,7 @@ copy, so they match the MindSpore ops they replace bit for bit; they exist for m
 """
 from mindspore import ops
 
-from .aot import KernelFunction, same
+from .aot import KernelFunction
 
 LIBRARY = "layout"
 
