@@ -16,26 +16,34 @@ DEMO_PROMPTS = ("a red square is moving on the snow", "a ball is moving, cartoon
 DEMO_CLIP = dict(n_frames=16, height=64, width=64)
 
 
+def demo_paths(demo_dir=DEMO_DIR):
+    """(model folder, clip path) of the demo assets under demo_dir, written or not."""
+    return os.path.join(demo_dir, "tiny-sd"), os.path.join(demo_dir, "demo-clip.mp4")
+
+
 def demo_assets(demo_dir=DEMO_DIR):
     """(model folder, clip path) under demo_dir: the tiny pipeline and the generated clip, written on first use."""
-    model = ensure_tiny_pipeline(os.path.join(demo_dir, "tiny-sd"))
-    clip = os.path.join(demo_dir, "demo-clip.mp4")
+    model, clip = demo_paths(demo_dir)
+    ensure_tiny_pipeline(model)
     if not os.path.isfile(clip):
         make_demo_clip(clip, **DEMO_CLIP)
     return model, clip
 
 
 def demo_sample_request(demo_dir=DEMO_DIR, **overrides):
-    """Invert the demo clip with the tiny model and sample two prompts (gif + mp4); `overrides` win."""
+    """Invert the demo clip with the tiny model and sample two prompts (gif + mp4); `overrides` win. A bad option
+    is refused before the assets are written."""
     from tav.generate import SampleRequest
 
-    model, clip = demo_assets(demo_dir)
+    model, clip = demo_paths(demo_dir)
     values = dict(pretrained_model_path=model, prompts=list(DEMO_PROMPTS), video=clip,
                   source_prompt=DEMO_SOURCE_PROMPT, output_dir=os.path.join(demo_dir, "samples"), video_length=8,
                   height=DEMO_CLIP["height"], width=DEMO_CLIP["width"], sample_frame_rate=2, num_inference_steps=10,
                   num_inv_steps=10, guidance_scale=7.5, fmt=["gif", "mp4"])
     values.update(overrides)
-    return SampleRequest(**values)
+    request = SampleRequest(**values).check_options()
+    demo_assets(demo_dir)
+    return request
 
 
 def tune_demo_model(demo_dir, config_path):

@@ -9,16 +9,49 @@ from typing import List, Optional
 
 
 from tav import video as video_io
+from tav.checks import SIZE_RULE, describe_range, in_range, is_int, is_pixel_size
 from tav.pipeline import PipelineError, TuneAVideoPipeline, invert_video, load_inverted_latents, resolve_dtype
 
 logger = logging.getLogger(__name__)
-OUTPUT_FORMATS = ("gif", "mp4", "png")
+OUTPUT_FORMATS = video_io.WRITE_FORMATS
+NO_PROMPT = "no prompt given: pass --prompt (repeatable) or --prompts_file"
+
+# The finite range of every numeric option: (name, integer?, in_range keywords). Guidance 0 is unconditional
+# sampling and 1 the conditional prediction alone; eta blends DDIM (0) into DDPM-like sampling (1).
+NUMERIC_OPTIONS = (
+    ("video_length", True, dict(low=1)),
+    ("num_inference_steps", True, dict(low=1)),
+    ("num_inv_steps", True, dict(low=1)),
+    ("num_videos_per_prompt", True, dict(low=1)),
+    ("sample_start_idx", True, dict(low=0)),
+    ("sample_frame_rate", True, dict(low=1)),
+    ("seed", True, dict(low=0)),
+    ("fps", False, dict(low=0, low_open=True)),
+    ("guidance_scale", False, dict(low=0)),
+    ("eta", False, dict(low=0, high=1)),
+)
+# read_video_frames' argument names as this request's options, so a clip error names what the user typed.
+VIDEO_OPTION_NAMES = {"n_sample_frames": "--video_length", "sample_start_idx": "--sample_start_idx",
+                      "sample_frame_rate": "--sample_frame_rate", "height": "--height", "width": "--width"}
+
+
+def check_prompts(prompts):
+    """At least one prompt, none of them blank; a blank one is named by its position (1-based)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise PipelineError(NO_PROMPT)
+    for position, prompt in enumerate(prompts, 1):
+        if not isinstance(prompt, str) or not prompt.strip():
+            what = "blank" if isinstance(prompt, str) else "not text"
+            raise PipelineError(f"prompt {position} of {len(prompts)} is {what} ({prompt!r}); every prompt needs "
+                                "some text")
 
 
 @dataclass
 class SampleRequest:
     pretrained_model_path: str
-    prompts: List[str]
+    prompts: List[str] = field(default_factory=list)  # empty: validate() says "no prompt given"
     output_dir: str = "outputs/samples"
     unet: Optional[str] = None
     video: Optional[str] = None
@@ -43,12 +76,31 @@ class SampleRequest:
     attention: str = "auto"
     cache_dir: Optional[str] = None
     progress: bool = True
+    check_base: bool = True  # False: apply a delta even when the base weights' fingerprint differs
+
+    def check_options(self):
+        """The values alone (prompts, numbers, sizes, formats, dtype), before any file is read or written."""
+        check_prompts(self.prompts)
+        for name, integer, bounds in NUMERIC_OPTIONS:  # cheap value checks before any file is touched
+            value = getattr(self, name)
+            if (integer and not is_int(value)) or not in_range(value, **bounds):
+                rule = describe_range(**bounds).replace("a finite number", "an integer" if integer else "a finite number")
+                raise PipelineError(f"--{name} must be {rule}, got {value!r}")
+        for name in ("height", "width"):
+            if not is_pixel_size(getattr(self, name)):
+                raise PipelineError(f"--{name} must be {SIZE_RULE}, got {getattr(self, name)!r}")
+        if not self.fmt:
+            raise PipelineError(f"no --format given; use one or more of {', '.join(OUTPUT_FORMATS)}")
+        unknown = [f for f in self.fmt if f not in OUTPUT_FORMATS]
+        if unknown:
+            raise PipelineError(f"--format {unknown[0]!r} unknown; use one of {', '.join(OUTPUT_FORMATS)}")
+        resolve_dtype(self.dtype)
+        return self
 
     def validate(self):
         """Everything that can be checked before loading a model; errors name the option."""
-        if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
-            raise PipelineError("no prompt given: pass --prompt (repeatable) or --prompts_file")
-        if not os.path.isdir(self.pretrained_model_path):
+        self.check_options()
+        if not self.pretrained_model_path or not os.path.isdir(self.pretrained_model_path):
             raise FileNotFoundError(f"--pretrained_model_path {self.pretrained_model_path!r} does not exist")
         if self.unet is not None and not os.path.exists(self.unet):
             raise FileNotFoundError(f"--unet {self.unet!r} does not exist")
@@ -58,21 +110,10 @@ class SampleRequest:
             raise video_io.VideoError(f"--video {self.video!r} does not exist")
         if self.inv_latents is not None and not os.path.isfile(self.inv_latents):
             raise FileNotFoundError(f"--inv_latents {self.inv_latents!r} does not exist")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value <= 0 or value % 8:
-                raise PipelineError(f"--{name} must be a positive multiple of 8, got {value}")
-        for name in ("video_length", "num_inference_steps", "num_inv_steps", "num_videos_per_prompt", "fps"):
-            if getattr(self, name) < 1:
-                raise PipelineError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        unknown = [f for f in self.fmt if f not in OUTPUT_FORMATS]
-        if unknown:
-            raise PipelineError(f"--format {unknown[0]!r} unknown; use one of {', '.join(OUTPUT_FORMATS)}")
-        resolve_dtype(self.dtype)
         video_io.check_writable_dir(self.output_dir)
         if self.video is not None:  # decode now: a bad clip fails before any model is loaded
             video_io.read_video_frames(self.video, self.video_length, self.sample_start_idx, self.sample_frame_rate,
-                                       self.height, self.width)
+                                       self.height, self.width, option_names=VIDEO_OPTION_NAMES)
         return self
 
 
@@ -103,8 +144,10 @@ def run_sampling(request, pipeline=None):
     request.validate()
     started = time.time()
     if pipeline is None:
+        # init_seed: an untuned base model's fresh temporal layers are drawn from the request's seed too.
         pipeline = TuneAVideoPipeline.from_pretrained(request.pretrained_model_path, unet=request.unet,
-                                                      dtype=request.dtype, attention_backend=request.attention)
+                                                      dtype=request.dtype, attention_backend=request.attention,
+                                                      check_base=request.check_base, init_seed=request.seed)
     latents = None
     if request.video is not None:
         inversion_prompt = request.source_prompt if request.invert_with_source_prompt else ""

@@ -14,6 +14,7 @@ import numpy as np
 import mindspore as ms
 
 from tav import checkpoint
+from tav.checks import SIZE_RULE, is_pixel_size
 from tav.delta import apply_delta
 from tav.inversion import ddim_invert
 from tav.models import AutoencoderKL, UNet3DConditionModel
@@ -60,17 +61,21 @@ def is_tuned_unet_folder(folder):
     return config.get("_class_name") == "UNet3DConditionModel"
 
 
-def load_unet(pretrained_model_path, unet=None, dtype=ms.float32, attention_backend="auto", check_base=True):
+def load_unet(pretrained_model_path, unet=None, dtype=ms.float32, attention_backend="auto", check_base=True,
+              init_seed=None):
     """The 3-D UNet: inflated from `<sd>/unet` (unet=None), a tuned UNet folder (its own or a pipeline folder
     with unet/), or base + delta (`unet` a .safetensors file written by training; check_base=False applies it
-    even when the base weights' fingerprint differs from the one it was trained on)."""
+    even when the base weights' fingerprint differs from the one it was trained on). `init_seed` seeds the fresh
+    temporal layers of an inflated UNet (UNet3DConditionModel.from_pretrained_2d)."""
     if unet is None:
         base_folder = os.path.join(pretrained_model_path, "unet")
         if is_tuned_unet_folder(base_folder):  # an exported Tune-A-Video pipeline
             return UNet3DConditionModel.from_pretrained(base_folder, dtype=dtype, attention_backend=attention_backend)
-        return UNet3DConditionModel.from_pretrained_2d(base_folder, dtype=dtype, attention_backend=attention_backend)
+        return UNet3DConditionModel.from_pretrained_2d(base_folder, dtype=dtype, attention_backend=attention_backend,
+                                                       init_seed=init_seed)
     if os.path.isfile(unet):
-        model = UNet3DConditionModel.from_pretrained_2d(pretrained_model_path, attention_backend=attention_backend)
+        model = UNet3DConditionModel.from_pretrained_2d(pretrained_model_path, attention_backend=attention_backend,
+                                                        init_seed=init_seed)
         apply_delta(model, unet, check_base=check_base)
         return model.to_dtype(dtype) if dtype != ms.float32 else model
     return UNet3DConditionModel.from_pretrained(unet, dtype=dtype, attention_backend=attention_backend)
@@ -114,17 +119,17 @@ class TuneAVideoPipeline:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_path, unet=None, dtype="fp32", attention_backend="auto",
-                        vae_chunk_size=8, check_base=True):
+                        vae_chunk_size=8, check_base=True, init_seed=None):
         dtype = resolve_dtype(dtype)
         path = os.fspath(pretrained_model_path)
         check_pipeline_folder(path)
         if unet is not None and not os.path.exists(unet):
             raise checkpoint.CheckpointNotFoundError(f"--unet {unet!r} does not exist")
         vae, text_encoder, tokenizer, scheduler = load_frozen_parts(path, dtype)
-        unet_model = load_unet(path, unet, dtype, attention_backend, check_base)
+        unet_model = load_unet(path, unet, dtype, attention_backend, check_base, init_seed)
         identity = {"pretrained_model_path": os.path.abspath(path), "unet": os.path.abspath(unet) if unet else None,
                     "files": file_identity(os.path.join(path, "unet")) + (file_identity(unet) if unet else []),
-                    "dtype": str(dtype)}
+                    "dtype": str(dtype), "init_seed": init_seed}
         return cls(vae, text_encoder, tokenizer, unet_model, scheduler, dtype, vae_chunk_size, identity)
 
     # --- the three stages ----------------------------------------------------------------------------------------
@@ -193,8 +198,8 @@ class TuneAVideoPipeline:
         default = (self.unet.config.sample_size or 64) * factor
         height = default if height is None else int(height)
         width = default if width is None else int(width)
-        if height <= 0 or width <= 0 or height % 8 or width % 8:
-            raise PipelineError(f"height and width must be positive multiples of 8, got {height}x{width}")
+        if not (is_pixel_size(height) and is_pixel_size(width)):
+            raise PipelineError(f"height and width must each be {SIZE_RULE}, got {height}x{width}")
         if video_length < 1:
             raise PipelineError(f"video_length must be at least 1, got {video_length}")
         if num_videos_per_prompt < 1:

@@ -10,13 +10,19 @@ negative prompts as one batch so that graph mode compiles once.
 Loading is local only: a path is a pipeline folder (with `tokenizer/`, `text_encoder/`) or the component folder
 itself, never a hub id.
 """
+import contextlib
+import io
 import logging
 import os
+import re
+import sys
+import warnings
 
 import mindspore as ms
 from mindspore import ops
 
-from tav.checkpoint import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, read_state_dict
+from tav.checkpoint import (CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, component_folder,
+                            read_state_dict)
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +34,28 @@ TEXT_ENCODER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _BUFFER_KEYS = ("text_model.embeddings.position_ids",)
 
 
-def _component_folder(path, component, marker):
-    """`path/component` when `path` is a pipeline folder, else `path` itself when it holds `marker`."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise CheckpointNotFoundError(f"{component} folder {path!r} does not exist")
-    nested = os.path.join(path, component)
-    if os.path.isdir(nested):
-        return nested
-    if os.path.isfile(os.path.join(path, marker)):
-        return path
-    raise CheckpointNotFoundError(
-        f"no {component} in {path!r}: expected a {component}/ sub-folder (pipeline layout) or {marker} in the folder"
-    )
+# Importing mindone.transformers (it imports every model it ships) says two things that are not about this run:
+# a FutureWarning from its image-processor registry and transformers' docstring builder printing
+# "🚨 Config not found for parakeet ..." to stdout. Exactly those are dropped; anything else passes through.
+_IMPORT_WARNINGS = (r"The image_processor_class argument is deprecated",)
+_IMPORT_PRINTS = re.compile(r"^🚨 Config not found for \w+\. You can manually add it to HARDCODED_CONFIG_FOR_MODELS")
+
+
+def import_clip_text_model():
+    """mindone's CLIPTextModel, imported without the import-time noise above."""
+    if "mindone.transformers" in sys.modules:
+        from mindone.transformers import CLIPTextModel
+        return CLIPTextModel
+    printed = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
+            for message in _IMPORT_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+            from mindone.transformers import CLIPTextModel
+    finally:
+        sys.stdout.write("".join(line for line in printed.getvalue().splitlines(keepends=True)
+                                 if not _IMPORT_PRINTS.match(line)))
+    return CLIPTextModel
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -51,7 +66,7 @@ def load_tokenizer(path):
     """CLIPTokenizer from `<pipeline>/tokenizer/` or from the tokenizer folder itself (vocab.json + merges.txt)."""
     from transformers import CLIPTokenizer
 
-    folder = _component_folder(path, "tokenizer", TOKENIZER_FILES[0])
+    folder = component_folder(path, "tokenizer", TOKENIZER_FILES[0])
     missing = [name for name in TOKENIZER_FILES if not os.path.isfile(os.path.join(folder, name))]
     if missing:
         raise CheckpointNotFoundError(
@@ -79,9 +94,9 @@ def load_text_encoder(path, dtype=ms.float32):
     maps the checkpoint names to its own (`*.weight` of embeddings -> `embedding_table`, LayerNorm -> gamma/beta).
     Every checkpoint tensor must match a parameter and vice versa.
     """
-    from mindone.transformers import CLIPTextModel
+    CLIPTextModel = import_clip_text_model()
 
-    folder = _component_folder(path, "text_encoder", TEXT_ENCODER_CONFIG)
+    folder = component_folder(path, "text_encoder", TEXT_ENCODER_CONFIG)
     config_path = os.path.join(folder, TEXT_ENCODER_CONFIG)
     if not os.path.isfile(config_path):
         raise CheckpointNotFoundError(f"text encoder folder {folder!r} has no {TEXT_ENCODER_CONFIG}")

@@ -23,6 +23,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_path", help="Stable Diffusion folder in diffusers layout")
     p.add_argument("--unet", help="tuned UNet folder (or pipeline folder with unet/) or a trainable-only delta file")
+    p.add_argument("--no_check_base", dest="check_base", action="store_false", default=None,
+                   help="apply a --unet delta even when the base model's weights differ from those it was tuned on")
     p.add_argument("--prompt", action="append", dest="prompts", help="a prompt (repeat for several)")
     p.add_argument("--prompts_file", help="a text file with one prompt per line")
     p.add_argument("--video", help="source clip to invert (mp4/gif/webm)")
@@ -60,12 +62,16 @@ def build_request(args):
 
     prompts = list(args.prompts or [])
     if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8") as handle:
+        if not os.path.isfile(args.prompts_file):
+            raise FileNotFoundError(f"--prompts_file {args.prompts_file!r} does not exist")
+        with open(args.prompts_file, encoding="utf-8") as handle:  # blank lines separate prompts, they are not ones
             prompts += [line.strip() for line in handle if line.strip()]
     options = {k: v for k, v in vars(args).items() if k in generate.request_fields() and v is not None}
     options.pop("prompts", None)
     if prompts:
         options["prompts"] = prompts
+    elif args.prompts_file:  # asked for prompts and got none: not a reason to fall back to the config's or demo's
+        raise generate.PipelineError(generate.NO_PROMPT)
     if args.config:
         return generate.request_from_config(args.config, **options)
     if not args.pretrained_model_path:

@@ -344,7 +344,7 @@ class UNet3DConditionModel(nn.Cell):
         return model
 
     @classmethod
-    def from_pretrained_2d(cls, path, dtype=None, attention_backend="auto"):
+    def from_pretrained_2d(cls, path, dtype=None, attention_backend="auto", init_seed=None):
         """Inflate a Stable Diffusion 2-D UNet (pipeline folder or its `unet/`) into the 3-D model.
 
         Block types are renamed to their 3-D versions (a `mid_block_type: UNetMidBlock2DCrossAttn` entry is
@@ -352,8 +352,9 @@ class UNet3DConditionModel(nn.Cell):
         temporal layers keep their fresh initialisation as in the official `from_pretrained_2d`: to_q/to_k/to_v
         and the to_out weight use PyTorch's default uniform(+-1/sqrt(fan_in)) init except the to_out weight,
         which is zero, so each temporal layer starts as the constant to_out bias (uniform init, not zeroed, as
-        the official); norm_temp starts at weight 1, bias 0. Values come from MindSpore's global seed
-        (`mindspore.set_seed`), not PyTorch's RNG stream.
+        the official); norm_temp starts at weight 1, bias 0. With `init_seed` (an int) those draws come from
+        numpy's Generator seeded with it (`init_temporal_layers`), so the same seed gives the same model in any
+        process; without it from MindSpore's global RNG (`mindspore.set_seed`). Neither is PyTorch's RNG stream.
         """
         folder = unet_folder(path)
         config_path = os.path.join(folder, CONFIG_NAME)
@@ -362,6 +363,8 @@ class UNet3DConditionModel(nn.Cell):
         weights = checkpoint.find_weights_file(folder, WEIGHTS_STEM)
         state = checkpoint.read_state_dict(weights)
         checkpoint.load_state_dict_into(model, state, strict=True, dtype=dtype, ignore=is_temporal_key, source=weights)
+        if init_seed is not None:
+            init_temporal_layers(model, init_seed)
         if dtype is not None:
             model.to_dtype(dtype)
         return model
@@ -389,12 +392,28 @@ def is_temporal_key(name):
     return "_temp." in name
 
 
+def init_temporal_layers(model, seed):
+    """Re-draw the temporal layers' fresh initialisation from numpy's Generator(seed): the distribution of the
+    constructor (and of the official model): every attn_temp linear weight and bias uniform(+-1/sqrt(fan_in)),
+    except attn_temp.to_out.0.weight, which is zero; norm_temp weight 1, bias 0. Parameters are visited in name
+    order, so the values depend on the seed and the model's config only."""
+    rng = np.random.default_rng(seed)
+    params = {name: param for name, param in model.parameters_and_names() if is_temporal_key(name)}
+    for name in sorted(params):
+        param = params[name]
+        shape = tuple(param.shape)
+        if ".norm_temp." in f".{name}":
+            values = np.ones(shape) if name.endswith(".weight") else np.zeros(shape)
+        elif name.endswith("to_out.0.weight"):
+            values = np.zeros(shape)
+        else:
+            fan_in = params[name[: -len("bias")] + "weight"].shape[1] if name.endswith(".bias") else shape[1]
+            bound = 1.0 / np.sqrt(fan_in)
+            values = rng.uniform(-bound, bound, size=shape)
+        param.set_data(ms.Tensor(values.astype(np.float32)).astype(param.dtype))
+    return model
+
+
 def unet_folder(path):
     """A UNet folder given as itself or as a pipeline folder containing unet/."""
-    if not os.path.exists(path):
-        raise checkpoint.CheckpointError(f"UNet path {path} does not exist")
-    if os.path.isfile(os.path.join(path, "unet", CONFIG_NAME)):
-        return os.path.join(path, "unet")
-    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
-        return path
-    raise checkpoint.CheckpointError(f"{path} holds no UNet: expected {CONFIG_NAME} there or in {path}/unet/")
+    return checkpoint.component_folder(path, "unet", CONFIG_NAME)
