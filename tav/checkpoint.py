@@ -50,6 +50,23 @@ class UnsafePickleError(CheckpointError):
 # Finding and reading weights
 
 
+def component_folder(path, component, marker="config.json"):
+    """The folder of one pipeline component: `path/component` when `path` is a pipeline folder (diffusers layout),
+    else `path` itself when it holds `marker` (the component's folder given directly). Anything else raises
+    CheckpointNotFoundError naming both places."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointNotFoundError(f"{component} folder {path!r} does not exist")
+    nested = os.path.join(path, component)
+    if os.path.isdir(nested):
+        return nested
+    if os.path.isfile(os.path.join(path, marker)):
+        return path
+    raise CheckpointNotFoundError(
+        f"no {component} in {path!r}: expected a {component}/ sub-folder (pipeline layout) or {marker} in the folder"
+    )
+
+
 def find_weights_file(folder, stem="diffusion_pytorch_model", bin_stem=None):
     """Path of the weights in `folder`: `<stem>.safetensors`, else its sharded index, else `<bin_stem>.bin`,
     else its sharded index. Safetensors wins because reading it needs no pickle at all. `bin_stem` defaults to

@@ -476,18 +476,8 @@ class AutoencoderKL(nn.Cell):
 
 
 def resolve_vae_folder(path):
-    """`path` itself if it holds config.json, else `path`/vae if that does; otherwise a CheckpointNotFoundError
-    naming both places."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise checkpoint.CheckpointNotFoundError(f"VAE folder {path!r} does not exist")
-    for folder in (path, os.path.join(path, "vae")):
-        if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
-            return folder
-    raise checkpoint.CheckpointNotFoundError(
-        f"no VAE config: neither {os.path.join(path, CONFIG_NAME)!r} nor "
-        f"{os.path.join(path, 'vae', CONFIG_NAME)!r} exists"
-    )
+    """`path`/vae of a pipeline folder, else `path` itself when it holds config.json (checkpoint.component_folder)."""
+    return checkpoint.component_folder(path, "vae", CONFIG_NAME)
 
 
 _LEGACY_ATTENTION_KEY = re.compile(
