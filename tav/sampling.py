@@ -14,15 +14,16 @@ from mindspore import ops
 from tqdm.auto import tqdm
 
 from tav.inversion import call_unet
+from tav.noise import standard_normal
 
 
 def prepare_latents(shape, seed, dtype=ms.float32, init_noise_sigma=1.0):
     """Start noise of `shape` (B, 4, F, h, w): float32 N(0, 1) from np.random.default_rng(seed), times
     `init_noise_sigma` (1 for DDIM), cast to `dtype`. Reproducible across machines for a given seed."""
-    noise = np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
+    noise = standard_normal(shape, seed)
     if init_noise_sigma != 1.0:
         noise = noise * np.float32(init_noise_sigma)
-    return ms.Tensor(noise).astype(dtype)
+    return noise.astype(dtype)
 
 
 def _batched(embeddings, batch, name):

@@ -26,6 +26,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
+from tav.checks import is_int, is_number
+from tav.noise import standard_normal
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -95,29 +98,21 @@ class DDIMConfig:
         return {"_class_name": "DDIMScheduler", **values}
 
 
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_number(value):
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
 def _validate(key, value, source):
     def fail(expected):
         raise ValueError(f"{source}: '{key}' must be {expected}, got {value!r}")
 
     if key == "num_train_timesteps":
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             fail("a positive integer")
     elif key == "steps_offset":
-        if not _is_int(value) or value < 0:
+        if not is_int(value) or value < 0:
             fail("a non-negative integer")
     elif key in ("beta_start", "beta_end"):
-        if not _is_number(value) or not 0 < value < 1:
+        if not is_number(value) or not 0 < value < 1:
             fail("a number in (0, 1)")
     elif key in ("clip_sample_range", "sample_max_value", "dynamic_thresholding_ratio"):
-        if not _is_number(value) or value <= 0:
+        if not is_number(value) or value <= 0:
             fail("a positive number")
     elif key in ("clip_sample", "set_alpha_to_one", "thresholding", "rescale_betas_zero_snr"):
         if not isinstance(value, (bool, np.bool_)):
@@ -133,7 +128,7 @@ def _validate(key, value, source):
             fail(f"one of {', '.join(TIMESTEP_SPACINGS)}")
     elif key == "trained_betas":
         if value is not None and (
-            isinstance(value, (str, bytes)) or not all(_is_number(b) and 0 <= b < 1 for b in np.ravel(value))
+            isinstance(value, (str, bytes)) or not all(is_number(b) and 0 <= b < 1 for b in np.ravel(value))
         ):
             fail("null or a list of numbers in [0, 1)")
 
@@ -237,13 +232,6 @@ def timestep_batch(timestep, batch_size):
     return ms.Tensor(np.full((batch_size,), int(timestep), np.int64), TIMESTEP_DTYPE)
 
 
-def standard_normal(shape, generator):
-    """Reproducible N(0, 1) float32 noise from a numpy Generator (platform independent, unlike device RNGs)."""
-    if not isinstance(generator, np.random.Generator):
-        raise TypeError(f"generator must be a numpy.random.Generator (np.random.default_rng(seed)), got {generator!r}")
-    return ms.Tensor(generator.standard_normal(tuple(shape), dtype=np.float32))
-
-
 @ms.jit_class
 class DDIMScheduler:
     """DDIM (arXiv 2010.02502) with diffusers' config fields and numbers.
@@ -290,7 +278,7 @@ class DDIMScheduler:
     def set_timesteps(self, num_inference_steps):
         """Choose the descending inference timesteps (SD, 50 steps, leading + offset 1: 981, 961, ..., 1)."""
         total = self.config.num_train_timesteps
-        if not _is_int(num_inference_steps) or not 1 <= num_inference_steps <= total:
+        if not is_int(num_inference_steps) or not 1 <= num_inference_steps <= total:
             raise ValueError(f"num_inference_steps must be an integer in [1, {total}], got {num_inference_steps!r}")
         n = int(num_inference_steps)
         spacing = self.config.timestep_spacing

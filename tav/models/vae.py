@@ -24,6 +24,7 @@ from tav import __version__ as tav_version
 from tav import checkpoint
 from tav.kernels import attention
 from tav.nn import Conv2d, Dropout, GroupNorm, Linear, pad_right_bottom, silu, upsample_nearest
+from tav.noise import standard_normal  # noqa: F401 - also the VAE's public name for its posterior noise
 
 CONFIG_NAME = "config.json"
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -326,13 +327,6 @@ class Decoder(nn.Cell):
 
 # ---------------------------------------------------------------------------------------------------------
 # Posterior
-
-
-def standard_normal(shape, seed=None, dtype=ms.float32):
-    """N(0, 1) noise of `shape` from numpy's PCG64 generator: `seed` (int) makes it reproducible on every device
-    and backend; a np.random.Generator is used as is; None draws fresh entropy."""
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    return ms.Tensor(rng.standard_normal(tuple(shape), dtype=np.float32), dtype)
 
 
 class DiagonalGaussian:
