@@ -1,6 +1,6 @@
 """DDIM inversion: walk a clean latent up the DDIM timesteps to the noise the sampler starts from.
 
-Follows the official `ddim_loop` / `next_step` (tuneavideo/util.py, reference 3.4): with N inversion steps and
+Follows the official `ddim_loop` / `next_step` (tuneavideo/util.py; docs/reference.md): with N inversion steps and
 gap k = num_train_timesteps // N, for t = 1, 1+k, ..., 1+(N-1)k (the DDIM timesteps in increasing order) the model
 is evaluated at t on the latent that still sits at t_cur = t - k (alpha_cur = final_alpha_cumprod for t_cur < 0),
 and the latent is moved from t_cur to t:

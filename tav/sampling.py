@@ -1,4 +1,5 @@
-"""DDIM sampling with classifier-free guidance, as the official TuneAVideoPipeline's denoising loop (reference 3.2).
+"""DDIM sampling with classifier-free guidance, as the official TuneAVideoPipeline's denoising loop
+(docs/reference.md, "Sampling").
 
     for t in timesteps (981, 961, ..., 1 for SD and 50 steps):
         eps_u, eps_c = unet(cat[x, x], t, cat[uncond, cond]).chunk(2)     # one call, batch 2B

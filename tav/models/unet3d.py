@@ -86,7 +86,7 @@ class UNet3DConfig:
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     cross_attention_dim: int = 1280
-    # diffusers' naming quirk, kept for config compatibility: this is the NUMBER of heads (reference 1.2).
+    # diffusers' naming quirk, kept for config compatibility: this is the NUMBER of heads (docs/reference.md).
     attention_head_dim: Union[int, Tuple[int, ...]] = 8
     num_attention_heads: Optional[Union[int, Tuple[int, ...]]] = None
     use_linear_projection: bool = False
@@ -292,7 +292,7 @@ class UNet3DConditionModel(nn.Cell):
             n = self.up_block_sizes[i]
             block_skips = skips[len(skips) - n:]
             skips = skips[: len(skips) - n]
-            # Upsample to the next skip's size, so H and W need only be multiples of 8 (reference 1.3).
+            # Upsample to the next skip's size, so H and W need only be multiples of 8 (docs/reference.md).
             upsample_size = skips[-1].shape[2:] if i < len(self.up_blocks) - 1 else None
             x = self.up_blocks[i](x, block_skips, emb, encoder_hidden_states, frames, upsample_size)
 
@@ -354,7 +354,8 @@ class UNet3DConditionModel(nn.Cell):
         which is zero, so each temporal layer starts as the constant to_out bias (uniform init, not zeroed, as
         the official); norm_temp starts at weight 1, bias 0. With `init_seed` (an int) those draws come from
         numpy's Generator seeded with it (`init_temporal_layers`), so the same seed gives the same model in any
-        process; without it from MindSpore's global RNG (`mindspore.set_seed`). Neither is PyTorch's RNG stream.
+        process; without it from MindSpore's global RNG (`mindspore.set_seed`). Neither is PyTorch's RNG stream
+        (docs/reference.md, "Initialisation of the new layers").
         """
         folder = unet_folder(path)
         config_path = os.path.join(folder, CONFIG_NAME)
