@@ -410,3 +410,12 @@ def test_errors_speak_of_the_callers_option_names(demo_mp4):
     assert "n_sample_frames" not in str(info.value)
     with pytest.raises(VideoError, match="--height must be a positive multiple of 8, got 60"):
         read_video_frames(demo_mp4, 4, height=60, width=64, option_names={"height": "--height"})
+
+
+def test_the_demo_clip_gets_ordinary_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        clip = make_demo_clip(tmp_path / "demo.mp4", n_frames=4, height=32, width=32)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(clip).st_mode) == 0o644

@@ -9,6 +9,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tav import backend  # noqa: E402
+from tav.cli import run_cli  # noqa: E402
 
 
 def main(argv=None):
@@ -16,6 +17,7 @@ def main(argv=None):
     parser.add_argument("--demo_dir", default="demo_outputs")
     parser.add_argument("--device_target", default="CPU", choices=["CPU", "GPU", "Ascend"])
     parser.add_argument("--mode", type=int, default=0, choices=[0, 1], help="0 graph (default), 1 pynative")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     backend.configure(device_target=args.device_target, mode=args.mode)
@@ -26,7 +28,8 @@ def main(argv=None):
     print(f"demo done; outputs in {os.path.abspath(args.demo_dir)}:")
     for path in written:
         print("  " + str(path))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))
