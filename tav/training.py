@@ -170,10 +170,11 @@ def load_models(config, plan, seed):
     in the compute dtype."""
     from tav.pipeline import load_frozen_parts, load_unet
 
-    # The temporal layers start from MindSpore's global RNG (the official seeds torch before from_pretrained_2d).
-    ms.set_seed(seed)
     try:
-        unet = load_unet(config.pretrained_model_path, attention_backend=config.resolved_attention_backend())
+        # The fresh temporal layers are drawn from `seed` (the official seeds torch before from_pretrained_2d),
+        # not from MindSpore's global RNG: the same config gives the same start in any process.
+        unet = load_unet(config.pretrained_model_path, attention_backend=config.resolved_attention_backend(),
+                         init_seed=seed)
         vae, text_encoder, tokenizer, scheduler = load_frozen_parts(config.pretrained_model_path, plan.compute_dtype)
     except checkpoint.CheckpointError as exc:
         raise ConfigError(f"{config.source}: cannot load the base model from pretrained_model_path "

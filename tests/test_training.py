@@ -694,3 +694,15 @@ def test_train_leaves_the_process_as_it_found_it(small_pipeline, clip, tmp_path,
     training.train(run_config(small_pipeline, tmp_path / "out", clip, max_train_steps=1, mode=0))
     assert ms.get_context("mode") == ms.PYNATIVE_MODE
     assert logging.getLogger("tav.train").handlers == handlers
+
+
+def test_the_temporal_init_follows_the_config_seed_not_the_global_rng(small_pipeline, clip, tmp_path):
+    config = run_config(small_pipeline, tmp_path / "out", clip)
+    plan = optim.precision_plan(config.mixed_precision, "CPU")
+    temporal = []
+    for global_seed, seed in ((1, 7), (2, 7), (1, 8)):
+        ms.set_seed(global_seed)
+        unet = training.load_models(config, plan, seed)[0]
+        temporal.append({name: p.asnumpy() for name, p in unet.parameters_and_names() if is_temporal_key(name)})
+    assert all(np.array_equal(temporal[0][name], temporal[1][name]) for name in temporal[0])
+    assert not all(np.array_equal(temporal[0][name], temporal[2][name]) for name in temporal[0])
