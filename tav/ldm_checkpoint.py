@@ -569,42 +569,48 @@ def convert_single_file(path, config_from=None):
     """Read `path` and convert it to diffusers names and configs in memory (a ConvertedModel).
 
     `config_from` (a diffusers pipeline folder) supplies unet/vae/text_encoder configs instead of inference (needed
-    for non-SD sizes: head counts and GroupNorm groups are not in the tensors)."""
+    for non-SD sizes: head counts and GroupNorm groups are not in the tensors). An LDM `<stem>.yaml` beside the file
+    supplies head counts, the prediction type, the latent size and the VAE scale."""
     path = os.fspath(path)
     raw, container = read_single_file(path)
+    return convert_state_dict(raw, path, config_from=config_from, hints=_ldm_yaml(path), container=container)
+
+
+def convert_state_dict(raw, source="checkpoint", config_from=None, hints=None, container=None):
+    """An LDM-layout state dict (PyTorch or mindone names) -> ConvertedModel; see convert_single_file."""
+    hints = hints or {}
     layout = "mindone" if is_mindone_layout(raw) else "ldm"
     if layout == "mindone":
         raw = {(_rename(k, MINDONE_RENAMES) if not k.startswith(CLIP_PREFIX) else k): v for k, v in raw.items()}
-    unet, vae, text, text_kind = split_ldm(raw, source=path)
+    unet, vae, text, text_kind = split_ldm(raw, source=source)
     if text_kind == "clip":
         text = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in text.items()
                 if not k.endswith("position_ids")}
     elif text_kind == "mindone_clip":
         text = {(k[:-len(".gamma")] + ".weight" if k.endswith(".gamma") else
                  k[:-len(".beta")] + ".bias" if k.endswith(".beta") else k): v for k, v in text.items()}
-        text = convert_openclip_text(text, path, MINDONE_TEXT)
+        text = convert_openclip_text(text, source, MINDONE_TEXT)
     else:
         full_tower = "text_projection" in text
-        text = convert_openclip_text(text, path)
+        text = convert_openclip_text(text, source)
         if full_tower:
             text = _drop_last_layer(text)
     width = int(text["text_model.embeddings.token_embedding.weight"].shape[1])
     family = "sd2" if text_kind == "openclip" or (text_kind == "mindone_clip" and width == 1024) else "sd1"
-    hints = _ldm_yaml(path)
     if config_from is not None:
         configs = {name: _read_component_config(config_from, name) for name in ("unet", "vae", "text_encoder")}
     else:
-        configs = {"unet": infer_unet_config(unet, family, hints.get("heads"), hints.get("head_channels"), path),
-                   "vae": infer_vae_config(vae, path),
+        configs = {"unet": infer_unet_config(unet, family, hints.get("heads"), hints.get("head_channels"), source),
+                   "vae": infer_vae_config(vae, source),
                    "text_encoder": infer_text_config(text, family)}
         if "sample_size" in hints:
             configs["unet"]["sample_size"] = hints["sample_size"]
         if "scaling_factor" in hints:
             configs["vae"]["scaling_factor"] = hints["scaling_factor"]
-    state_dicts = {"unet": _apply_table(unet, unet_prefix_table(configs["unet"]), path, "UNet"),
-                   "vae": _vae_to_linear(_apply_table(vae, vae_prefix_table(configs["vae"]), path, "VAE")),
+    state_dicts = {"unet": _apply_table(unet, unet_prefix_table(configs["unet"]), source, "UNet"),
+                   "vae": _vae_to_linear(_apply_table(vae, vae_prefix_table(configs["vae"]), source, "VAE")),
                    "text_encoder": text}
-    model = ConvertedModel(state_dicts, configs, family, layout, container, path)
+    model = ConvertedModel(state_dicts, configs, family, layout, container, source)
     model.hints = hints
     return model
 
@@ -741,6 +747,10 @@ def resolve_pretrained(path, prediction_type=None, tokenizer_from=None, config_f
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"pretrained model {path!r} does not exist (expected a diffusers folder or one "
                                       f"checkpoint file: {', '.join(SINGLE_FILE_SUFFIXES)})")
+    tokenizer_source = tokenizer_from
+    if tokenizer_source is None and config_from is not None and os.path.isdir(os.path.join(config_from, "tokenizer")):
+        tokenizer_source = config_from
+    _check_tokenizer_source(tokenizer_source)  # before reading gigabytes
     stat = os.stat(path)
     request = [os.path.abspath(path), stat.st_size, int(stat.st_mtime), prediction_type,
                tokenizer_from and os.path.abspath(tokenizer_from), config_from and os.path.abspath(config_from)]
@@ -762,9 +772,9 @@ def resolve_pretrained(path, prediction_type=None, tokenizer_from=None, config_f
 # The inverse: a diffusers folder -> one LDM file
 
 
-def to_ldm(unet, vae, text, unet_config, vae_config, family="sd1", layout="ldm"):
-    """Diffusers-named state dicts -> one LDM-layout state dict (layout "ldm": PyTorch names; "mindone": the names
-    mindone's MindSpore SD uses). The temporal layers of a tuned Tune-A-Video UNet have no LDM name and are refused."""
+def to_ldm(unet, vae, text, unet_config, vae_config, family="sd1"):
+    """Diffusers-named state dicts -> one LDM-layout state dict with PyTorch names (to_mindone_names gives
+    mindone's). The temporal layers of a tuned Tune-A-Video UNet have no LDM name and are refused."""
     temporal = [k for k in unet if "_temp." in k]
     if temporal:
         raise SingleFileError(f"the UNet holds Tune-A-Video's temporal layers ({checkpoint._name_list(temporal)}), "
@@ -775,10 +785,7 @@ def to_ldm(unet, vae, text, unet_config, vae_config, family="sd1", layout="ldm")
                else v) for k, v in vae.items()}
     out.update({VAE_PREFIX + k: v for k, v in _apply_table(vae, vae_prefix_table(vae_config), "diffusers VAE", "VAE",
                                                            forward=False).items()})
-    if layout == "mindone":
-        out = {_rename(k, MINDONE_INVERSE): v for k, v in out.items()}
-        out.update({CLIP_PREFIX + k: v for k, v in _text_to_fused(text, MINDONE_TEXT_INVERSE, ".gamma", ".beta").items()})
-    elif family == "sd2":
+    if family == "sd2":
         fused = _text_to_fused(text, OPENCLIP_TEXT_INVERSE)
         # LDM's OpenCLIP tower has one block more than SD 2.x uses (it conditions on the penultimate one) and a
         # projection; neither affects SD. They are written as zeros so that LDM code loads the file strictly.
@@ -873,8 +880,28 @@ def folder_to_ldm(folder, layout="ldm", family=None):
     parts["text_encoder"].pop("text_model.embeddings.position_ids", None)
     if family is None:
         family = "sd2" if configs["text_encoder"].get("hidden_act") == "gelu" else "sd1"
-    out = to_ldm(parts["unet"], parts["vae"], parts["text_encoder"], configs["unet"], configs["vae"], family, layout)
-    return _mindone_norm_names(out) if layout == "mindone" else out
+    out = to_ldm(parts["unet"], parts["vae"], parts["text_encoder"], configs["unet"], configs["vae"], family)
+    return to_mindone_names(out) if layout == "mindone" else out
+
+
+def to_mindone_names(ldm):
+    """A PyTorch-named LDM state dict -> the names mindone's MindSpore SD uses (`.conv`-wrapped convolutions,
+    gamma/beta norms, the text encoder fused as OpenCLIP under cond_stage_model.transformer.). SD 2.x's OpenCLIP
+    tower is written with the blocks the diffusers text encoder has, as mindone's own conversion does."""
+    out, text = {}, {}
+    for key, value in ldm.items():
+        if key.startswith(CLIP_PREFIX):
+            text[key[len(CLIP_PREFIX):]] = value
+        elif key.startswith(OPENCLIP_PREFIX):
+            continue
+        else:
+            out[_rename(key, MINDONE_INVERSE)] = value
+    openclip = {k[len(OPENCLIP_PREFIX):]: v for k, v in ldm.items() if k.startswith(OPENCLIP_PREFIX)}
+    if openclip:
+        text = _drop_last_layer(convert_openclip_text(openclip, "OpenCLIP text encoder"))
+    out = _mindone_norm_names(out)
+    out.update({CLIP_PREFIX + k: v for k, v in _text_to_fused(text, MINDONE_TEXT_INVERSE, ".gamma", ".beta").items()})
+    return out
 
 
 def write_single_file(folder, out_path, layout=None, family=None):
