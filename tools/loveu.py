@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Run the LOVEU-TGVE 2023 benchmark with Tune-A-Video: tune on every video, sample its four edits, write the
+submission layout, and with --clip_model / --pickscore_model score every edit (tav/loveu.py has the layout and
+the resume rules, docs/evaluation.md the metrics).
+
+    python tools/loveu.py --data_path loveu-tgve-2023 --pretrained_model_path checkpoints/stable-diffusion-v1-4 \
+        --output_dir outputs/loveu --clip_model clip-vit-large-patch14 --pickscore_model PickScore_v1 \
+        --pickscore_processor CLIP-ViT-H-14-laion2B-s32B-b79K [key=value ...]
+
+Trailing key=value arguments override the baseline training config (e.g. max_train_steps=300,
+train_data.n_sample_frames=8, validation_data.guidance_scale=7.5). Rerunning the same command resumes.
+
+A bad input prints one `error: ...` line and exits 1; --debug shows the traceback instead.
+"""
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tav import backend  # noqa: E402
+from tav.cli import run_cli  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_path", required=True, help="the benchmark folder (LOVEU-TGVE-2023_Dataset.csv, "
+                                                      "<subset>/480p_frames/<video>/)")
+    p.add_argument("--pretrained_model_path", required=True, help="Stable Diffusion 1.x folder in diffusers layout")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--clip_model", help="CLIPModel folder for frame consistency and text alignment")
+    p.add_argument("--pickscore_model", help="PickScore CLIPModel folder")
+    p.add_argument("--pickscore_processor", help="tokenizer + preprocessor folder for PickScore (default: the model's)")
+    p.add_argument("--dtype", default="fp32", help="sampling precision (fp32, fp16, bf16)")
+    p.add_argument("--keep_work", action="store_true", help="keep each video's tuning run and inverted latents")
+    p.add_argument("--device_target", default="CPU", choices=["CPU", "GPU", "Ascend"])
+    p.add_argument("--mode", type=int, default=0, choices=[0, 1], help="0 graph (default), 1 pynative")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
+    args = p.parse_args(argv)
+    if args.pickscore_processor and not args.pickscore_model:
+        p.error("--pickscore_processor needs --pickscore_model")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    backend.configure(device_target=args.device_target, mode=args.mode)
+    from tav import evaluation, loveu
+
+    loveu.read_dataset(args.data_path)  # a bad dataset fails before any model loads
+    scorers = evaluation.Scorers.load(args.clip_model, args.pickscore_model, args.pickscore_processor)
+    summary = loveu.run_benchmark(args.data_path, args.pretrained_model_path, args.output_dir, args.overrides,
+                                  scorers, args.dtype, args.keep_work)
+    print(f"submission: {os.path.join(os.path.abspath(args.output_dir), 'submission')}")
+    if summary is not None:
+        print(loveu.summary_table(summary))
+        print(f"wrote {loveu.Layout(args.output_dir).scores}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
