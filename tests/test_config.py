@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tav.config import ConfigError, check_input_paths, config_from_dict, load_train_config
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 OFFICIAL = ("man-skiing", "man-surfing", "rabbit-watermelon")
 SHIPPED = ("car-turn", "man-skiing", "man-surfing", "rabbit-watermelon", "tiny")

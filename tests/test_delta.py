@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 
 def test_the_pipeline_does_not_import_training():
