@@ -175,10 +175,34 @@ def underscore_index(modules, what):
     return index
 
 
+def ldm_underscore_index(unet):
+    """kohya names written with the LDM UNet's module paths (`lora_unet_input_blocks_1_1_...`, as LoRAs trained on
+    the original code name them) -> the diffusers module path, through the single-file prefix table."""
+    from tav.ldm_checkpoint import unet_prefix_table
+
+    config = unet.config.to_dict() if hasattr(unet.config, "to_dict") else dict(unet.config)
+    table = sorted(unet_prefix_table(config), key=lambda entry: -len(entry[1]))
+    index = {}
+    for module in weight_index(unet):
+        for ldm, diffusers, inner in table:
+            if module.startswith(diffusers + "."):
+                rest = module[len(diffusers) + 1:]
+                for old, new in inner.items():
+                    if rest == new or rest.startswith(new + "."):
+                        rest = old + rest[len(new):]
+                        break
+                index[f"{ldm}.{rest}".replace(".", "_")] = module
+                break
+    return index
+
+
 def resolve_pairs(pairs, models, path):
     """Set each pair's `param` to the real parameter name in models[target]; unresolved names raise together."""
     indexes = {target: weight_index(cell) for target, cell in models.items() if cell is not None}
     kohya = {}
+    if pairs and any(p.kohya and p.target == "unet" and re.match(r"(input_blocks|middle_block|output_blocks)_",
+                                                                 p.module) for p in pairs) and "unet" in indexes:
+        kohya["unet"] = {**underscore_index(indexes["unet"], f"unet of {path!r}"), **ldm_underscore_index(models["unet"])}
     missing = []
     for pair in pairs:
         if pair.target not in indexes:
@@ -199,6 +223,34 @@ def resolve_pairs(pairs, models, path):
         raise LoraError(f"LoRA {path!r}: {len(missing)} modules are not in the model (is the LoRA for another base, "
                         f"e.g. SDXL or SD 2.x?): {checkpoint._name_list(missing)}")
     return pairs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sizes from the shapes (what a LoRA of a given rank costs, without building the model)
+
+
+def lora_parameter_count(unet_config, rank, modules=("attn1.to_q", "attn2.to_q")):
+    """Parameters of rank-`rank` LoRA pairs on `modules` of every transformer block of a UNet config (diffusers
+    fields: block_out_channels, layers_per_block, down/up block types, cross_attention_dim). Modules are
+    attn1/attn2/attn_temp . to_q/to_k/to_v/to_out.0: a (out, in) weight costs rank * (out + in)."""
+    channels = list(unet_config["block_out_channels"])
+    per = unet_config["layers_per_block"]
+    blocks = []
+    for b, kind in enumerate(unet_config["down_block_types"]):
+        if "CrossAttn" in kind:
+            blocks += [channels[b]] * per
+    blocks.append(channels[-1])  # the mid block
+    for b, kind in enumerate(unet_config["up_block_types"]):
+        if "CrossAttn" in kind:
+            blocks += [list(reversed(channels))[b]] * (per + 1)
+    context = unet_config["cross_attention_dim"]
+    total = 0
+    for c in blocks:
+        for module in modules:
+            attention, projection = module.split(".", 1)
+            fan_in = context if attention == "attn2" and projection in ("to_k", "to_v") else c
+            total += rank * (c + fan_in)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------------------------

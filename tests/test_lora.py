@@ -151,6 +151,37 @@ def test_a_shape_mismatch_is_an_error(models, tmp_path):
         apply_lora(unet, text, path)
 
 
+def test_kohya_names_in_the_ldm_layout_resolve_too(models, tmp_path):
+    unet, text = models
+    from tav.checkpoint import save_state_dict
+
+    rng = np.random.default_rng(11)
+    down, up = rng.normal(size=(RANK, 32)).astype(np.float32), rng.normal(size=(32, RANK)).astype(np.float32)
+    # input_blocks.1.1 is down_blocks.0.attentions.0 for layers_per_block=1 (the LDM numbering)
+    flat = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    path = str(tmp_path / "ldm_kohya.safetensors")
+    save_state_dict({f"{flat}.lora_down.weight": down, f"{flat}.lora_up.weight": up,
+                     f"{flat}.alpha": np.array(RANK, np.float32)}, path)
+    name = f"{BLOCK}.transformer_blocks.0.attn1.to_q.weight"
+    before = weights(unet)[name]
+    assert apply_lora(unet, text, path).fused == [f"unet:{name}"]
+    np.testing.assert_array_equal(weights(unet)[name], expected_weight(before, down, up, 1.0, RANK))
+
+
+def test_a_to_q_lora_of_sd15_shapes_is_a_few_megabytes():
+    from tav.ldm_checkpoint import SD_UNET
+    from tav.lora import lora_parameter_count
+
+    sd15 = {**SD_UNET, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "cross_attention_dim": 768}
+    # 16 transformer blocks: 5 at 320 channels, 5 at 640, 6 at 1280; to_q of attn1 and attn2 is (C, C) in each
+    assert lora_parameter_count(sd15, 1) == 4 * (5 * 320 + 5 * 640 + 6 * 1280)
+    assert lora_parameter_count(sd15, 16) * 4 < 10 * 2**20  # fp32 bytes: rank 16 is 3.0 MiB
+    everything = [f"{a}.{p}" for a in ("attn1", "attn2", "attn_temp") for p in ("to_q", "to_k", "to_v", "to_out.0")]
+    assert lora_parameter_count(sd15, 8, everything) * 4 < 10 * 2**20
+
+
 @pytest.mark.parity
 def test_kohya_fuses_as_diffusers_converts_it(models, tmp_path):
     """diffusers' own kohya conversion (lora_state_dict, in its peft-free processor format) and network alphas,
