@@ -125,3 +125,17 @@ def test_the_tool_reports_a_missing_video_in_one_line(tmp_path):
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error:") and "none" in result.stderr
+
+
+@pytest.mark.parity
+def test_scores_of_real_frames_equal_the_benchmarks(folders, tmp_path, shared_data, pynative):
+    """A real clip's first frames as the benchmark's jpg folder; only this test needs ../shared/data."""
+    clips = sorted(shared_data.glob("*.mp4"))
+    if not clips:
+        pytest.skip(f"no mp4 in {shared_data}")
+    video = write_jpg_folder(tmp_path / "real", read_frames(clips[0])[:4])
+    scores = evaluate_video(video, PROMPT, Scorers.load(folders["clip"]))
+    consistency, alignment = reference_clip_scores(folders["clip"], reference_frames(video), PROMPT)
+    np.testing.assert_allclose([scores["frame_consistency"], scores["text_alignment"]], [consistency, alignment],
+                               rtol=1e-4)
+

@@ -4,6 +4,8 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from tav import loveu, tiny
 from tav.evaluation import Scorers
 from tests.clip_fixtures import synthetic_frames, write_clip_folder, write_jpg_folder
+from tests.conftest import REPO_ROOT
 
 CSV_VIDEOS = [("DAVIS_480p", "blackswan"), ("DAVIS_480p", "car-turn"), ("youtube_480p", "cat-in-the-sun")]
 VIDEOS = [CSV_VIDEOS[0], CSV_VIDEOS[2]]  # the runs: two videos, two subsets
@@ -131,3 +134,12 @@ def test_a_rerun_after_a_kill_finishes_without_redoing_finished_videos(assets, c
     generated.clear()
     assert run(assets, out, on_video=lambda video, g: generated.update({video.name: g})) == summary
     assert not any(generated.values()) and frame_files(out) == after
+
+
+def test_loveu_reports_a_missing_dataset_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "loveu.py"), "--data_path", str(tmp_path),
+         "--pretrained_model_path", str(tmp_path), "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error:") and "LOVEU-TGVE-2023_Dataset.csv" in result.stderr
