@@ -386,14 +386,9 @@ def infer_unet_config(unet, family, heads=None, head_channels=None, source="chec
     proj_in = [k for k in unet if k.endswith(".proj_in.weight")]
     if not to_k:
         raise SingleFileError(f"{source}: the UNet has no cross-attention (attn2.to_k) tensors")
-    family_values = FAMILIES[family]
-    heads = heads if heads is not None or head_channels is not None else family_values["heads"]
-    head_channels = head_channels if heads is None else None
-    if heads is not None:
-        head_count = heads
-    else:
-        head_channels = head_channels or family_values["head_channels"]
-        head_count = [c // head_channels for c in channels]
+    if heads is None and head_channels is None:
+        heads, head_channels = FAMILIES[family]["heads"], FAMILIES[family]["head_channels"]
+    head_count = heads if heads is not None else [c // head_channels for c in channels]
     return {
         **SD_UNET,
         "sample_size": 64,

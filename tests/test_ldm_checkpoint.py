@@ -1,5 +1,4 @@
 """Single-file SD checkpoints: the tiny model written in each LDM container loads as the diffusers folder does."""
-import json
 import os
 import re
 
@@ -240,6 +239,7 @@ def test_convert_tool_round_trip(tiny, ldm_state, tmp_path):
         np.testing.assert_array_equal(again[key], value, err_msg=key)
     mindspore_file = str(tmp_path / "back_ms.ckpt")
     assert main([out_dir, mindspore_file]) == 0
+    assert main([out_dir, mindspore_file]) == 1  # an existing output is kept unless --overwrite
     assert_same_weights(ldm_checkpoint.convert_single_file(mindspore_file, config_from=tiny).state_dicts,
                         folder_weights(tiny))
 

@@ -27,6 +27,7 @@ def parse_args(argv=None):
                                          "instead of inferring them (non-SD sizes)")
     p.add_argument("--layout", choices=("ldm", "mindone"), help="names of the file written by the inverse "
                                                                 "(default: ldm for .safetensors, mindone for .ckpt)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p.parse_args(argv)
 
@@ -35,6 +36,9 @@ def main(argv=None):
     args = parse_args(argv)
     from tav import ldm_checkpoint
 
+    if os.path.exists(args.out) and not args.overwrite:
+        print(f"error: {args.out!r} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 1
     try:
         if os.path.isdir(args.src):
             path = ldm_checkpoint.write_single_file(args.src, args.out, layout=args.layout)
