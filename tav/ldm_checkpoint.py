@@ -37,6 +37,7 @@ CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: transformers' CLIPTextM
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP's text tower
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+SOURCE_RECORD = "tav_single_file.json"  # beside a converted folder's model_index.json: which file it came from
 TORCH_CKPT_WRAPPERS = ("state_dict", "model", "module")  # where trainers nest the weights
 
 
@@ -709,7 +710,7 @@ def write_diffusers_folder(model, out_dir, prediction_type=None, tokenizer_from=
         checkpoint.write_json_atomic(MODEL_INDEX, os.path.join(folder, "model_index.json"))
         checkpoint.write_json_atomic({"source": os.path.abspath(model.source), "container": model.container,
                                       "layout": model.layout, "family": model.family},
-                                     os.path.join(folder, "tav_single_file.json"))
+                                     os.path.join(folder, SOURCE_RECORD))
 
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise CheckpointError(f"output {out_dir!r} exists and is not a folder")
@@ -719,6 +720,14 @@ def write_diffusers_folder(model, out_dir, prediction_type=None, tokenizer_from=
 
 def is_single_file(path):
     return os.path.isfile(os.fspath(path))
+
+
+
+def single_file_source(folder):
+    """The single file a folder written by resolve_pretrained came from, or None: the pipeline's identity (the
+    inversion cache key) can name the file, which stays put, rather than a temporary folder, which does not."""
+    record = os.path.join(os.fspath(folder), SOURCE_RECORD)
+    return checkpoint.read_json(record, what="single-file record")["source"] if os.path.isfile(record) else None
 
 
 _TEMP_FOLDERS = []

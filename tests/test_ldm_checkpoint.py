@@ -162,6 +162,8 @@ def test_resolve_pretrained_returns_a_folder_unchanged_and_reuses_its_cache(tiny
     mtime = os.stat(os.path.join(first, "unet", "config.json")).st_mtime_ns
     again = ldm_checkpoint.resolve_pretrained(path, config_from=tiny, cache_dir=str(tmp_path / "cache"))
     assert again == first and os.stat(os.path.join(again, "unet", "config.json")).st_mtime_ns == mtime
+    assert ldm_checkpoint.single_file_source(first) == os.path.abspath(path)
+    assert ldm_checkpoint.single_file_source(tiny) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,3 +295,31 @@ def test_a_code_carrying_pickle_is_refused(ldm_state, tmp_path):
                 "payload": CodeCarrier()}, path)
     with pytest.raises(checkpoint.UnsafePickleError, match="system"):
         ldm_checkpoint.convert_single_file(path)
+
+
+@pytest.mark.parity
+def test_lightning_callback_state_beside_the_weights_is_skipped(tiny, ldm_state, tmp_path, monkeypatch):
+    """SD's original .ckpt files pickle a Lightning ModelCheckpoint next to the weights: it becomes an inert
+    placeholder (its code is never imported or run) and the weights load."""
+    import sys
+    import types
+
+    torch = pytest.importorskip("torch")
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+
+    class ModelCheckpoint:
+        def __init__(self):
+            self.best_model_score = np.float64(0.5)
+
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = module.__name__, "ModelCheckpoint"
+    module.ModelCheckpoint = ModelCheckpoint
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    path = str(tmp_path / "lightning.ckpt")
+    torch.save({"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ldm_state.items()},
+                "callbacks": {ModelCheckpoint: ModelCheckpoint()}, "global_step": 10}, path)
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
+        monkeypatch.delitem(sys.modules, name)
+    model = ldm_checkpoint.convert_single_file(path, config_from=tiny)
+    assert_same_weights(model.state_dicts, folder_weights(tiny))
