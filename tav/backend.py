@@ -1,8 +1,9 @@
 """The one place that knows Ascend from CPU/GPU. A leaf: it imports nothing from tav.
 
-Everything device-dependent asks this module: which device target MindSpore runs on, which op flavour the
-portable layer (tav/nn.py) should build with, whether the native CPU kernels are switched on, and how a train
-step's update and graph compilation should run here. What each attention backend needs of the device is declared
+Everything device-dependent asks this module: which device tav builds for (MindSpore's device target, or an
+Ascend SoC emulated on the CPU under TAV_EMULATE_ASCEND), which Ascend chip it is (FlashAttention exists on 910B
+only), which op flavour the portable layer (tav/nn.py) should build with, whether the native CPU kernels are
+switched on, and how a train step's update and graph compilation (jit level, card) should run here. What each attention backend needs of the device is declared
 by the backend itself (tav/kernels/attention_backends/dispatch.py); whether a native kernel also builds is
 tav.kernels.cpu.use_native_kernel's question. Model code never branches on the device itself.
 """
@@ -30,12 +31,26 @@ NATIVE_KERNELS_ENV = "TAV_NATIVE_KERNELS"
 
 
 def configure(device_target=None, mode=None, jit_level=None, device_id=None, max_threads=None):
-    """Set MindSpore's device and execution mode. Accepts "CPU"/"GPU"/"Ascend" and 0/1 (graph/pynative)."""
+    """Set MindSpore's device and execution mode. Accepts "CPU"/"GPU"/"Ascend" and 0/1 (graph/pynative).
+
+    device_id: the card (None: the DEVICE_ID environment variable, as Ascend/GPU launch scripts set it, else
+    MindSpore's default, card 0). jit_level: "O0" or "O1" (what MindSpore 2.10's ms.jit accepts; see
+    check_jit_level), applied to every graph tav compiles (compile_ahead, jit). Under TAV_EMULATE_ASCEND the
+    runtime device is the CPU whatever `device_target` says (see emulated_soc). A device whose MindSpore backend
+    cannot load here (no CUDA 11 runtime, no CANN) is refused with MindSpore's own load error
+    (DeviceUnavailableError)."""
     kwargs = {}
     if device_target is not None:
         target = normalise_device_target(device_target)
+        if emulated_soc() is not None:
+            if target == "GPU":
+                raise DeviceConfigError(f"{EMULATE_ENV}={os.environ.get(EMULATE_ENV)} emulates an Ascend device on the CPU; "
+                                 "device_target GPU contradicts it")
+            target, device_id = "CPU", None
+        check_device_available(target)
+        device_id = resolve_device_id(device_id) if target != "CPU" else None
         if device_id is not None:
-            ms.set_device(target, int(device_id))
+            ms.set_device(target, device_id)
         else:
             ms.set_device(target)
     if mode is not None:
@@ -45,15 +60,104 @@ def configure(device_target=None, mode=None, jit_level=None, device_id=None, max
     if kwargs:
         ms.set_context(**kwargs)
     if jit_level is not None:
-        if jit_level not in ("O0", "O1", "O2"):
-            raise ValueError(f"jit_level must be O0, O1 or O2, got {jit_level!r}")
-        ms.set_context(jit_config={"jit_level": jit_level})
+        global _jit_level
+        _jit_level = check_jit_level(jit_level)
     if max_threads is not None:
         try:
             ms.set_cpu_affinity(False)
         except Exception:  # older MindSpore: no such switch; thread count below still applies
             pass
         os.environ.setdefault("OMP_NUM_THREADS", str(max_threads))
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested device's MindSpore backend cannot load on this machine."""
+
+
+class DeviceConfigError(ValueError):
+    """A device setting that cannot be honoured: jit level, card number, emulation value."""
+
+
+def check_device_available(target):
+    """Raise DeviceUnavailableError unless MindSpore's backend for `target` loaded (import mindspore tries to
+    load the GPU and Ascend plugins and records why one failed; without this check the failure surfaces later as
+    an unrelated-looking kernel or context error)."""
+    if target == "CPU":
+        return
+    from mindspore._c_expression import MSContext
+
+    context = MSContext.get_instance()
+    if context.is_pkg_support_device(target):
+        return
+    detail = context.load_plugin_error().strip()
+    needs = (GPU_RUNTIME_NOTE if target == "GPU" else
+             "the CANN toolkit matching MindSpore 2.10 (CANN 8.x; source its set_env.sh) and an Ascend driver")
+    raise DeviceUnavailableError(
+        f"device_target {target}: MindSpore's {target} backend could not load on this machine ({needs})."
+        + (f" MindSpore reported: {detail}" if detail else ""))
+
+
+# MindSpore 2.10's wheel: its GPU plugin is built for CUDA 11 (it loads libcudart.so.11.0, cuDNN 8, cuBLAS 11).
+GPU_RUNTIME_NOTE = ("its GPU plugin needs the CUDA 11.1/11.6 runtime: libcudart.so.11.0, cuDNN 8 and cuBLAS 11 on "
+                    "LD_LIBRARY_PATH, and an NVIDIA driver; see tools/gpu_check.py")
+
+DEVICE_ID_ENV = "DEVICE_ID"
+
+
+def resolve_device_id(device_id=None):
+    """The card to use: `device_id` when given, else $DEVICE_ID (Ascend/GPU launch scripts set it per process),
+    else None (MindSpore's default, card 0). Raises ValueError for a negative or non-integer id."""
+    source = "device_id"
+    if device_id is None:
+        device_id = os.environ.get(DEVICE_ID_ENV)
+        source = DEVICE_ID_ENV
+        if device_id is None or not str(device_id).strip():
+            return None
+    try:
+        value = int(str(device_id).strip())
+    except ValueError:
+        raise DeviceConfigError(f"{source} must be a card number (0, 1, ...), got {device_id!r}") from None
+    if value < 0:
+        raise DeviceConfigError(f"{source} must be a card number (0, 1, ...), got {device_id!r}")
+    return value
+
+
+JIT_LEVELS = ("O0", "O1")
+_jit_level = None
+
+
+def check_jit_level(level):
+    """"O0" or "O1": the levels MindSpore 2.10's ms.jit takes. O2 (the GE whole-graph backend) is deprecated since
+    2.9, is not accepted by ms.jit, and turns off the AllFinite overflow check fp16 loss scaling relies on, so it
+    is refused rather than silently mapped."""
+    level = str(level).strip().upper()
+    if level == "O2":
+        raise DeviceConfigError("jit_level O2 is not supported: MindSpore 2.10 deprecates it (the GE backend) and ms.jit "
+                         "accepts O0 or O1 only; O2 also disables the AllFinite check that fp16 loss scaling needs. "
+                         "Use O0 (default) or O1")
+    if level not in JIT_LEVELS:
+        raise DeviceConfigError(f"jit_level must be O0 or O1, got {level!r}")
+    return level
+
+
+def jit_level():
+    """The jit level configure() was given (None: MindSpore's default, O0)."""
+    return _jit_level
+
+
+def jit(function):
+    """ms.jit with the configured jit level: the current API (set_context(jit_config=...) is deprecated in 2.10)."""
+    if _jit_level is None:
+        return ms.jit(function)
+    return ms.jit(function, jit_level=_jit_level)
+
+
+def apply_jit_level(cell):
+    """Give a Cell the configured jit level before it compiles (Cell.set_jit_config); a no-op when none is set."""
+    # A Cell takes one jit config (MindSpore warns and ignores a second).
+    if _jit_level is not None and isinstance(cell, ms.nn.Cell) and not getattr(cell, "_jit_config_dict", None):
+        cell.set_jit_config(ms.JitConfig(jit_level=_jit_level))
+    return cell
 
 
 def normalise_device_target(name):
@@ -64,11 +168,141 @@ def normalise_device_target(name):
 
 
 def device_target():
+    """The device tav builds for: MindSpore's device target, or "Ascend" under TAV_EMULATE_ASCEND (then MindSpore
+    itself runs on the CPU: runtime_device_target), or the device an assume_device block plans for."""
+    if _assumed_device is not None:
+        return _assumed_device[0]
+    if emulated_soc() is not None:
+        return "Ascend"
+    return ms.get_context("device_target")
+
+
+_assumed_device = None
+
+
+@contextlib.contextmanager
+def assume_device(target, soc=None):
+    """Answer device_target()/ascend_soc() as if on `target` (and Ascend chip `soc`, e.g. "Ascend910A") for a
+    with-block, without touching MindSpore: the memory planner asks the same dispatch code the model runs what it
+    would choose there (tav/memory_plan.py). Nothing built inside may be run."""
+    global _assumed_device
+    target = normalise_device_target(target)
+    previous = _assumed_device
+    _assumed_device = (target, normalise_soc(soc) if soc else ("Ascend910B" if target == "Ascend" else None))
+    try:
+        yield
+    finally:
+        _assumed_device = previous
+
+
+def runtime_device_target():
+    """The device MindSpore actually runs kernels on ("CPU" under the emulation)."""
     return ms.get_context("device_target")
 
 
 def is_ascend():
     return device_target() == "Ascend"
+
+
+# TAV_EMULATE_ASCEND=910B (or 910A) builds and runs tav's Ascend code paths on the CPU: tav reports an Ascend
+# device of that SoC (mint-flavoured layers, FlashAttention where the SoC has it, fp16 amp with the compiled update)
+# while MindSpore runs on the CPU, and the device ops without CPU kernels are replaced by CPU implementations of
+# their documented semantics (tav/kernels/ascend_ops.py). It proves tav's own Ascend code runs, not the real kernels.
+EMULATE_ENV = "TAV_EMULATE_ASCEND"
+EMULATED_SOCS = {"910B": "Ascend910B", "910A": "Ascend910A"}
+_forced_emulation = None
+
+
+def _parse_emulated(value):
+    text = str(value).strip()
+    if not text or text.lower() in ("0", "no", "off", "false"):
+        return None
+    key = text.upper().replace("ASCEND", "")
+    if key not in EMULATED_SOCS:
+        raise DeviceConfigError(f"{EMULATE_ENV} must be one of {', '.join(EMULATED_SOCS)} (or unset), got {value!r}")
+    return EMULATED_SOCS[key]
+
+
+def emulated_soc():
+    """The Ascend SoC emulated on the CPU ("Ascend910B" / "Ascend910A"), or None when not emulating."""
+    if _forced_emulation is not None:
+        return _forced_emulation or None
+    return _parse_emulated(os.environ.get(EMULATE_ENV, ""))
+
+
+def emulate_ascend(soc):
+    """Context manager for tests: emulate `soc` ("910B", "910A"; None: no emulation) for layers built inside it.
+    Layers choose their ops at construction, and graphs at compile time: build and compile inside the block."""
+    return _overriding("_forced_emulation", _parse_emulated(soc) if soc else "")
+
+
+def ascend_soc():
+    """The Ascend chip, normalised: "Ascend910B" (Atlas A2), "Ascend910_93xx" (A3), "Ascend910A", "Ascend310P", ...;
+    None off Ascend. From MindSpore's runtime (MSContext.get_ascend_soc_version, as mindspore/train/model.py uses
+    it), or the emulated SoC."""
+    if _assumed_device is not None:
+        return _assumed_device[1]
+    soc = emulated_soc()
+    if soc is not None:
+        return soc
+    if not is_ascend():
+        return None
+    from mindspore._c_expression import MSContext
+
+    return normalise_soc(MSContext.get_instance().get_ascend_soc_version())
+
+
+def normalise_soc(raw):
+    """MindSpore's lower-case SoC names ("ascend910b", "ascend910_9391", "ascend910") -> "Ascend910B", ... The
+    first-generation 910 reports "ascend910" (or "Ascend910A"/"Ascend910ProA"...): it is the 910A here."""
+    text = str(raw or "").strip()
+    low = text.lower()
+    if not low:
+        return None
+    if low in ("ascend910", "ascend910a") or low.startswith("ascend910pro") or low.startswith("ascend910premium"):
+        return "Ascend910A"
+    if low.startswith("ascend910b"):
+        return "Ascend910B" + text[len("ascend910b"):]
+    if low.startswith("ascend"):
+        return "Ascend" + text[len("ascend"):]
+    return text
+
+
+def soc_has_flash_attention(soc):
+    """FlashAttentionScore has kernels on Atlas A2 (910B) and A3 (910_93) only; not on the 910A or 310P."""
+    low = str(soc or "").lower()
+    return low.startswith("ascend910b") or low.startswith("ascend910_93")
+
+
+def has_flash_attention():
+    return is_ascend() and soc_has_flash_attention(ascend_soc())
+
+
+# Whether `auto` attention may run fp32 (and upcast_attention) layers through fp16 FlashAttention on Ascend (its
+# softmax accumulates in fp32, as mindone's SD pipelines run it). Off by default: it changes the precision of
+# q.k^T; TAV_FLASH_CAST=1 or allow_flash_cast(True) turns it on.
+FLASH_CAST_ENV = "TAV_FLASH_CAST"
+_forced_flash_cast = None
+
+
+def flash_cast_allowed():
+    if _forced_flash_cast is not None:
+        return _forced_flash_cast
+    return os.environ.get(FLASH_CAST_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def allow_flash_cast(enabled=True):
+    """Set (for the process) whether auto attention may cast fp32 layers to fp16 for FlashAttention on Ascend.
+    Layers read it when their graph compiles. Returns the previous setting."""
+    global _forced_flash_cast
+    previous = flash_cast_allowed()
+    _forced_flash_cast = bool(enabled)
+    return previous
+
+
+def force_flash_cast(enabled):
+    """Context manager for tests: allow_flash_cast for a with-block."""
+    return _overriding("_forced_flash_cast", bool(enabled))
 
 
 def op_flavour():
@@ -111,7 +345,7 @@ def native_kernels_enabled():
         return _forced_native
     if os.environ.get(NATIVE_KERNELS_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    return device_target() == "CPU" and not use_mint_ops()
+    return runtime_device_target() == "CPU" and not use_mint_ops()
 
 
 def force_native(enabled):
@@ -122,7 +356,7 @@ def force_native(enabled):
 def supports_dtype(dtype):
     """bf16 matmul/conv have no CPU kernels; fp16 and fp32 run everywhere."""
     if dtype == ms.bfloat16:
-        return is_ascend()
+        return is_ascend() and emulated_soc() is None  # the CPU under the emulation has no bf16 matmul
     return dtype in (ms.float16, ms.float32)
 
 
@@ -165,6 +399,7 @@ def compile_ahead(cell, *args):
     seen = _compiled_signatures.setdefault(cell, set())
     if signature in seen:
         return False
+    apply_jit_level(cell)
     cell.compile(*args)
     release_free_host_memory()
     seen.add(signature)

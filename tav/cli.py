@@ -22,6 +22,9 @@ USER_ERRORS = (
     ("tav.video", "VideoError"),
     ("tav.checkpoint", "CheckpointError"),
     ("tav.training", "TrainingError"),
+    ("tav.backend", "DeviceConfigError"),
+    ("tav.backend", "DeviceUnavailableError"),
+    ("tav.memory_plan", "PlanError"),
 )
 # Standard exceptions that mean a bad input too: a path the user named that does not exist.
 BUILTIN_USER_ERRORS = (FileNotFoundError,)

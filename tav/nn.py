@@ -1,6 +1,11 @@
 """The portable op layer: small Cells and functions that pick, once at construction, the op that runs on the
-current backend (tav.backend.op_flavour): the Ascend-first `mint` ops on Ascend, the classic `nn`/`ops` ops with
+current backend (tav.backend.op_flavour): the Ascend-first `mint` ops on Ascend (called through
+tav.kernels.ascend_ops, which TAV_EMULATE_ASCEND replaces by CPU emulations), the classic `nn`/`ops` ops with
 CPU/GPU kernels elsewhere. Models are built only from these, so they never branch on the device.
+
+Norms keep fp32 statistics and fp32 parameters on every path, fp16 models included (the official fp16 run keeps
+fp32 weights under autocast; UNet3DConditionModel.to_dtype leaves norm parameters fp32): mint's group_norm is the
+same GroupNorm primitive as ops.group_norm, so feeding it fp16 would save nothing and cost precision.
 
 Parameter names are PyTorch's (`weight`, `bias`) and shapes are PyTorch's, so checkpoints load name for name.
 Random initialisation follows PyTorch's defaults (uniform +-1/sqrt(fan_in)) so a freshly built model has the
@@ -9,10 +14,11 @@ same scale as the original.
 import math
 
 import mindspore as ms
-from mindspore import Parameter, mint, nn, ops
+from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import One, Uniform, Zero, initializer
 
 from tav import backend
+from tav.kernels import ascend_ops
 from tav.kernels.cpu import conv, layout, linear, norms, use_native_kernel
 from tav.kernels.cpu.norms import GEGLUFunction, GroupNormFunction, LayerNormFunction, group_norm_scalars
 
@@ -46,7 +52,7 @@ class Linear(nn.Cell):
 
     def construct(self, x):
         if self.use_mint:
-            return mint.nn.functional.linear(x, self.weight, self.bias)
+            return ascend_ops.linear(x, self.weight, self.bias)
         if self.native is not None and x.dtype == ms.float32 and self.weight.dtype == ms.float32:
             if self.bias is None:
                 return self.native(x, self.weight)
@@ -85,7 +91,7 @@ class Conv2d(nn.Cell):
 
     def construct(self, x):
         if self.use_mint:
-            return mint.nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+            return ascend_ops.conv2d(x, self.weight, self.bias, self.stride, self.padding)
         if self.native is not None and x.dtype == ms.float32 and self.weight.dtype == ms.float32:
             if self.bias is None:
                 return self.native(x, self.weight)
@@ -150,14 +156,15 @@ class GroupNorm(nn.Cell):
         shape = x.shape
         # (N, C, rest, 1), with a video's frames moved next to its other positions when they are folded.
         grouped = fold_frames_into_positions(x, frames)
+        weight = self.weight.astype(ms.float32) if self.affine else None
+        bias = self.bias.astype(ms.float32) if self.affine else None
         if self.use_mint:
-            y = mint.nn.functional.group_norm(grouped, self.num_groups, self.weight, self.bias, self.eps)
+            y = ascend_ops.group_norm(grouped.astype(ms.float32), self.num_groups, weight, bias, self.eps)
         else:
             # The GroupNorm kernel on (N, C, rest, 1): one op, no broadcast workspace (note at the top), and faster
             # than mean/var from reductions (10 vs 15 ms on 2 x 64 x 8 x 32 x 32).
-            weight = self.weight.astype(ms.float32) if self.affine else None
-            bias = self.bias.astype(ms.float32) if self.affine else None
-            y = ops.group_norm(grouped.astype(ms.float32), self.num_groups, weight, bias, self.eps).astype(x.dtype)
+            y = ops.group_norm(grouped.astype(ms.float32), self.num_groups, weight, bias, self.eps)
+        y = y.astype(x.dtype)
         y = unfold_frames_from_positions(y, shape, frames)
         return silu(y) if self.fused_silu else y
 
@@ -197,11 +204,13 @@ class LayerNorm(nn.Cell):
                 self.native = LayerNormFunction()
 
     def construct(self, x):
+        weight, bias = self.weight.astype(ms.float32), self.bias.astype(ms.float32)
         if self.use_mint:
-            return mint.nn.functional.layer_norm(x, (self.normalized_shape,), self.weight, self.bias, self.eps)
+            y = ascend_ops.layer_norm(x.astype(ms.float32), (self.normalized_shape,), weight, bias, self.eps)
+            return y.astype(x.dtype)
         if self.native is not None and x.dtype == ms.float32:
             return self.native(x, self.weight, self.bias, ms.Tensor([self.eps], ms.float32))
-        return self.layer_norm(x, self.weight.astype(x.dtype), self.bias.astype(x.dtype))[0]
+        return self.layer_norm(x.astype(ms.float32), weight, bias)[0].astype(x.dtype)
 
 
 class Dropout(nn.Cell):
@@ -278,12 +287,24 @@ class SwapMiddleAxes(nn.Cell):
         return x.transpose(0, 2, 1, 3)
 
 
+@ops.constexpr
+def _mint_flavour():
+    # The op flavour as a compile-time constant, for the functions below (Cells decide at construction).
+    return backend.use_mint_ops()
+
+
 def upsample_nearest(x, size):
     """Nearest-neighbour resize of the last two axes of (N, C, H, W) to `size`, with PyTorch's 'nearest' index
-    rule src = floor(dst * in / out)."""
+    rule src = floor(dst * in / out). mint's on Ascend (native kernel there; ops.interpolate goes through
+    ResizeNearestNeighborV2)."""
+    if _mint_flavour():
+        return ascend_ops.interpolate_nearest(x, size)
     return ops.interpolate(x, size=size, mode="nearest")
 
 
 def pad_right_bottom(x, amount=1):
-    """Zero-pad one column on the right and one row at the bottom (the VAE downsampler's asymmetric pad)."""
+    """Zero-pad one column on the right and one row at the bottom (the VAE downsampler's asymmetric pad). mint's
+    on Ascend (native ConstantPadND; ops.pad is PadV3 there)."""
+    if _mint_flavour():
+        return ascend_ops.pad(x, (0, amount, 0, amount))
     return ops.pad(x, (0, amount, 0, amount))

@@ -232,8 +232,10 @@ def test_flash_fallback_warns_once(fresh_warnings):
 
 @pytest.fixture
 def simulated_ascend(monkeypatch):
-    monkeypatch.setattr(tav.backend, "is_ascend", lambda: True)
+    """The dispatch answers as on an Ascend 910B (tav.backend.assume_device); nothing is run on it."""
     monkeypatch.setattr(dispatch, "_warned", set())
+    with tav.backend.assume_device("Ascend", "Ascend910B"):
+        yield
 
 
 SD_CASES = {  # (q_shape, k_shape, heads) of real Tune-A-Video calls at 512 px, 8 frames, CFG
@@ -253,8 +255,11 @@ def test_simulated_ascend_auto_picks_flash_for_fp16_and_bf16(simulated_ascend, c
     assert resolve_backend("auto", dtype, q_shape, k_shape, heads, False) == "flash"
 
 
-def test_simulated_ascend_auto_keeps_fp32_on_math(simulated_ascend):
+def test_simulated_ascend_auto_keeps_fp32_off_flash_and_chunks_large_scores(simulated_ascend):
+    # Issue 12 defect 1: it was math, a whole (B*H, Nq, Nk) fp32 score tensor (51.5 GB at 24 frames, 512 px).
     q_shape, k_shape, heads = SD_CASES["sd2-attn1-d64"]
+    assert resolve_backend("auto", ms.float32, q_shape, k_shape, heads, False) == "chunked"
+    q_shape, k_shape, heads = SD_CASES["sd1-attn2-d160"]  # a small score tensor: math
     assert resolve_backend("auto", ms.float32, q_shape, k_shape, heads, False) == "math"
 
 
@@ -263,11 +268,11 @@ def test_simulated_ascend_explicit_flash_casts_fp32(simulated_ascend):
     assert resolve_backend("flash", ms.float32, q_shape, k_shape, heads, False) == "flash"
 
 
-def test_simulated_ascend_upcast_falls_back_to_math(simulated_ascend):
+def test_simulated_ascend_upcast_falls_back_off_flash(simulated_ascend):
     q_shape, k_shape, heads = SD_CASES["sd2-attn1-d64"]
-    assert resolve_backend("auto", ms.float16, q_shape, k_shape, heads, True) == "math"
-    with pytest.warns(UserWarning, match="upcast"):
-        assert resolve_backend("flash", ms.float16, q_shape, k_shape, heads, True) == "math"
+    assert resolve_backend("auto", ms.float16, q_shape, k_shape, heads, True) == "chunked"  # large: chunked
+    # Asked for by name, the kernel runs upcast layers too: its softmax accumulates in fp32.
+    assert resolve_backend("flash", ms.float16, q_shape, k_shape, heads, True) == "flash"
 
 
 @pytest.mark.parametrize(
@@ -283,7 +288,7 @@ def test_simulated_ascend_upcast_falls_back_to_math(simulated_ascend):
         ((2048, 8, 320), (2048, 8, 320), 8, None),  # B = 2k is the documented maximum
     ],
 )
-def test_flash_constraints_follow_the_documented_limits(q_shape, k_shape, heads, limit):
+def test_flash_constraints_follow_the_documented_limits(simulated_ascend, q_shape, k_shape, heads, limit):
     reason = flash_unsupported_reason("Ascend", ms.float16, q_shape, k_shape, heads, upcast=False)
     if limit is None:
         assert reason is None
@@ -295,7 +300,7 @@ def test_flash_constraints_follow_the_documented_limits(q_shape, k_shape, heads,
     (ms.float16, False, True), (ms.bfloat16, False, True), (ms.float32, False, False),
     (ms.float32, True, True), (ms.float64, True, False),
 ])
-def test_flash_constraints_on_dtype(dtype, allow_cast, ok):
+def test_flash_constraints_on_dtype(simulated_ascend, dtype, allow_cast, ok):
     reason = flash_unsupported_reason("Ascend", dtype, (1, 16, 64), (1, 16, 64), 1, False, allow_cast)
     assert (reason is None) == ok
 
@@ -325,20 +330,58 @@ def test_heads_must_divide_hidden_size():
         attention(q, k, v, 4)
 
 
-def math_standin_for_flash_kernel(query, key, value, head_num, keep_prob=1.0, scalar_value=1.0, input_layout="BSH"):
+@pytest.mark.parametrize("dtype, upcast", [(ms.float32, False), (ms.float16, True), (ms.float32, True)])
+def test_simulated_ascend_auto_runs_fp32_and_upcast_layers_through_flash_where_the_user_allows(simulated_ascend,
+                                                                                                 dtype, upcast):
+    # Issue 12 defect 1: allow_flash_cast (TAV_FLASH_CAST=1) is the user's permission, off by default.
+    q_shape, k_shape, heads = SD_CASES["sd2-attn1-d64"]
+    assert resolve_backend("auto", dtype, q_shape, k_shape, heads, upcast) != "flash"
+    with tav.backend.force_flash_cast(True):
+        assert resolve_backend("auto", dtype, q_shape, k_shape, heads, upcast) == "flash"
+
+
+@pytest.mark.parametrize("device", ["GPU", "Ascend"])
+def test_auto_chunks_large_score_tensors_on_every_device(device):
+    # Issue 12 defect 1: chunking was CPU-only, so GPU/Ascend fp32 layers built the whole score tensor.
+    q_shape, k_shape, heads = SD_CASES["sd1-attn1-d40"]
+    with tav.backend.assume_device(device, "Ascend910A" if device == "Ascend" else None):
+        assert resolve_backend("auto", ms.float32, q_shape, k_shape, heads, False) == "chunked"
+        assert resolve_backend("auto", ms.float16, q_shape, k_shape, heads, False) == "chunked"
+
+
+@pytest.mark.parametrize("soc, flash", [("Ascend910B", True), ("Ascend910B2", True), ("Ascend910_9391", True),
+                                        ("Ascend910A", False), ("ascend910", False), ("Ascend310P", False)])
+def test_flash_attention_is_gated_on_the_soc(soc, flash):
+    # Issue 12 defect 3: any Ascend chip used to get FlashAttentionScore; the 910A has no kernel for it.
+    q_shape, k_shape, heads = SD_CASES["sd1-attn2-d80"]
+    with tav.backend.assume_device("Ascend", soc):
+        chosen = resolve_backend("auto", ms.float16, q_shape, k_shape, heads, False)
+    assert (chosen == "flash") is flash
+    reason = flash_unsupported_reason("Ascend", ms.float16, q_shape, k_shape, heads, soc=tav.backend.normalise_soc(soc))
+    assert (reason is None) is flash
+
+
+def math_standin_for_flash_kernel(query, key, value, head_num, keep_prob=1.0, scalar_value=1.0, input_layout="BSH",
+                                  **unused):
     """ops.flash_attention_score's documented BSH contract, computed with math_attention (for CPU tests)."""
     return math_attention(query, key, value, head_num, scale=scalar_value)
 
 
+@pytest.mark.parametrize("pad", [False, True], ids=["unpadded", "padding-fallback"])
 @pytest.mark.parametrize("heads, d", [(8, 40), (2, 64), (1, 100)])
-def test_simulated_ascend_flash_path_pads_casts_and_keeps_the_true_scale(ms_mode, monkeypatch, heads, d):
+def test_simulated_ascend_flash_path_casts_keeps_the_true_scale_and_pads_only_as_fallback(ms_mode, monkeypatch,
+                                                                                          heads, d, pad):
     calls = []
 
-    def recording_kernel(query, key, value, head_num, keep_prob=1.0, scalar_value=1.0, input_layout="BSH"):
+    def recording_kernel(query, key, value, head_num, keep_prob=1.0, scalar_value=1.0, input_layout="BSH",
+                         **unused):
         calls.append((query.shape, query.dtype, head_num, scalar_value, input_layout))
         return math_standin_for_flash_kernel(query, key, value, head_num, keep_prob, scalar_value, input_layout)
 
+    monkeypatch.setattr(tav.backend, "ascend_soc", lambda: "Ascend910B")
     monkeypatch.setattr(tav.backend, "is_ascend", lambda: True)
+    if pad:
+        monkeypatch.setenv("TAV_FLASH_PAD_HEAD_DIM", "1")
     kernel = recording_kernel if ms_mode == ms.PYNATIVE_MODE else math_standin_for_flash_kernel
     monkeypatch.setattr(ops, "flash_attention_score", kernel)
     q, k, v = random_qkv(2, 6, 9, heads, d, seed=5)
@@ -346,7 +389,9 @@ def test_simulated_ascend_flash_path_pads_casts_and_keeps_the_true_scale(ms_mode
     assert out.dtype == ms.float32 and out.shape == (2, 6, heads * d)
     np.testing.assert_allclose(out.asnumpy(), reference_attention(q, k, v, heads), atol=5e-3)
     if ms_mode == ms.PYNATIVE_MODE:
-        assert calls == [((2, 6, heads * padded_head_dim(d)), ms.float16, heads, d**-0.5, "BSH")]
+        # Issue 12 defect 10: D is passed as it is (40 stays 40); the zero-padding is the TAV_FLASH_PAD_HEAD_DIM fallback.
+        called_d = padded_head_dim(d) if pad else d
+        assert calls == [((2, 6, heads * called_d), ms.float16, heads, d**-0.5, "BSH")]
 
 
 # --- head-dim padding for the flash kernel ------------------------------------------------------------------

@@ -20,7 +20,7 @@ from tav import checkpoint
 from tav.kernels import ATTENTION_BACKENDS
 from tav.models.embeddings import TimestepEmbedding, Timesteps
 from tav.models.unet_blocks import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS
-from tav.nn import Conv2d, GroupNorm, SwapMiddleAxes
+from tav.nn import Conv2d, GroupNorm, LayerNorm, SwapMiddleAxes
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
 CONFIG_NAME = "config.json"
@@ -371,10 +371,15 @@ class UNet3DConditionModel(nn.Cell):
         return model
 
     def to_dtype(self, dtype):
+        """Cast the weights to `dtype`, except the GroupNorm/LayerNorm parameters, which stay fp32 (the norms
+        compute their statistics in fp32; the official fp16 run keeps fp32 weights under autocast)."""
+        norm_params = {id(p) for _, cell in self.cells_and_names() if isinstance(cell, (GroupNorm, LayerNorm))
+                       for p in cell.get_parameters(expand=False)}
         for param in self.get_parameters():
-            if param.dtype != dtype:
+            target = ms.float32 if id(param) in norm_params else dtype
+            if param.dtype != target:
                 # set_data alone would cast the values back to the parameter's old dtype
-                param.set_dtype(dtype)
+                param.set_dtype(target)
         return self
 
     def save_pretrained(self, path, dtype=None):

@@ -14,14 +14,33 @@ second product saves memory traffic. `small` bench config, attn1 at 32x32 (128 f
 import mindspore as ms
 from mindspore import nn, ops
 
+from tav import backend
+
 from .math import attend, heads_as_batch, math_attention, merge_heads
 
 _scores = ops.BatchMatMul(transpose_b=True)  # a b^T
 _transposed_product = ops.BatchMatMul(transpose_a=True)  # a^T b
 _product = ops.BatchMatMul()
 
-# Largest score block (elements) a block may hold by default: 2**24 fp32 scores = 64 MiB.
+# Largest score block (elements) a block may hold by default on the CPU: 2**24 fp32 scores = 64 MiB (cache-sized
+# blocks are also faster there). On an accelerator the budget is larger, so blocks stay big enough to keep the
+# matrix units busy, and still bounded: 2**28 scores = 1 GiB fp32 (a whole 512 px sparse-causal attn1 would be 51 GB).
 SCORE_BLOCK_ELEMENTS = 2**24
+DEVICE_SCORE_BLOCK_ELEMENTS = 2**28
+
+
+def score_budget(device=None):
+    """Score elements one block may hold on `device` (default: the device tav builds for), and above which `auto`
+    chunks."""
+    if device is None:
+        device = backend.device_target()
+    return SCORE_BLOCK_ELEMENTS if device == "CPU" else DEVICE_SCORE_BLOCK_ELEMENTS
+
+
+@ops.constexpr
+def _current_budget():
+    # A compile-time constant in graph mode (block boundaries must be Python ints there).
+    return score_budget()
 
 
 def default_chunk_size(batch, num_heads, nq, nk, budget=None):
@@ -37,7 +56,7 @@ def block_plan(batch, num_heads, nq, nk, budget=None):
     """(rows, queries): batch*heads rows and queries per block so that rows * queries * nk <= budget (at least
     one query of one row). Whole rows first; queries are cut only when one row exceeds the budget."""
     if budget is None:
-        budget = SCORE_BLOCK_ELEMENTS
+        budget = _current_budget()
     total_rows = batch * num_heads
     if nq * nk <= budget:
         return max(1, min(total_rows, budget // (nq * nk))), nq

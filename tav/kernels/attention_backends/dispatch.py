@@ -62,6 +62,7 @@ class AttentionCall:
     upcast: bool = False
     native_allowed: bool = True
     explicit: bool = False
+    flash_cast: bool = False  # auto may cast fp32/upcast layers to fp16 for flash (tav.backend.allow_flash_cast)
 
     @property
     def scores(self):
@@ -102,20 +103,21 @@ def _native_unsupported(call):
 
 def _flash_unsupported(call):
     return flash_unsupported_reason(call.device, call.dtype, call.q_shape, call.k_shape, call.num_heads,
-                                    call.upcast, allow_cast=call.explicit)
+                                    call.upcast, allow_cast=call.explicit or call.flash_cast)
 
 
 # auto's order of preference. native: the fused CPU kernel for fp32 where it builds (same numbers as math, no
-# score tensor, several times faster; fp32 throughout, so `upcast` changes nothing for it). flash: Ascend,
-# fp16/bf16 within flash_unsupported_reason's limits. chunked: math in cache-sized blocks, which auto picks on CPU
-# when the (B*H, Nq, Nk) scores exceed chunked.SCORE_BLOCK_ELEMENTS. math: exact, everywhere.
+# score tensor, several times faster; fp32 throughout, so `upcast` changes nothing for it). flash: Ascend 910B/A3,
+# fp16/bf16 within flash_unsupported_reason's limits (fp32 and upcast layers too where allow_flash_cast is on).
+# chunked: math in blocks, which auto picks on every device when the (B*H, Nq, Nk) scores exceed that device's
+# budget (chunked.score_budget): the full score tensor of a 512 px sparse-causal attn1 is tens of GB. math: exact,
+# everywhere.
 BACKENDS = {
     backend.name: backend
     for backend in (
         AttentionBackend("native", devices=("CPU",), unsupported=_native_unsupported, fallback="auto"),
         AttentionBackend("flash", devices=("Ascend",), unsupported=_flash_unsupported, fallback="math"),
-        AttentionBackend("chunked", auto=lambda call: call.device == "CPU"
-                         and call.scores > chunked.SCORE_BLOCK_ELEMENTS),
+        AttentionBackend("chunked", auto=lambda call: call.scores > chunked.score_budget(call.device)),
         AttentionBackend("math"),
     )
 }
@@ -129,8 +131,9 @@ def resolve_backend(requested, dtype, q_shape, k_shape, num_heads, upcast=False,
     """The backend attention() will actually run: "math", "chunked", "flash" or "native".
 
     auto    -> the first backend of BACKENDS that can run the call and that auto may pick: native on CPU for
-               fp32 when it builds here, flash on Ascend when flash_unsupported_reason finds nothing (fp16/bf16
-               only), chunked on CPU for large score tensors, else math.
+               fp32 when it builds here, flash on Ascend 910B when flash_unsupported_reason finds nothing (fp16/bf16;
+               fp32/upcast too where tav.backend.flash_cast_allowed()), chunked on any device for score tensors
+               over chunked.score_budget(device), else math.
     flash   -> flash, with fp32 inputs cast to fp16; where the kernel cannot run (any non-Ascend device,
                upcast=True, shapes out of range) math, with a one-time warning.
     native  -> native; where it cannot run (not CPU, not fp32, no compiler) what auto picks, with a one-time
@@ -141,7 +144,8 @@ def resolve_backend(requested, dtype, q_shape, k_shape, num_heads, upcast=False,
     if requested not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {requested!r}")
     call = AttentionCall(current_device(), dtype, tuple(q_shape), tuple(k_shape), num_heads, upcast,
-                         native_allowed, explicit=requested != "auto")
+                         native_allowed, explicit=requested != "auto",
+                         flash_cast=tav_backend.flash_cast_allowed())
     if requested == "auto":
         for candidate in BACKENDS.values():
             if candidate.unavailable_reason(call) is None and candidate.auto(call):
