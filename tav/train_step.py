@@ -124,7 +124,7 @@ class TrainStep:
         self.compiled_update = backend.compile_optimizer_update()
         self.host_update = not self.compiled_update and optimizer.host_kernels is not None
         self.update_path = "compiled" if self.compiled_update else "host" if self.host_update else "eager"
-        self.update = ms.jit(self._make_update()) if self.compiled_update else self._make_update()
+        self.update = backend.jit(self._make_update()) if self.compiled_update else self._make_update()
 
     def __call__(self, mean, std, posterior_noise, noise, timesteps, context, lr, loss_scale):
         micro_steps = posterior_noise.shape[0]
