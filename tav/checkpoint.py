@@ -507,8 +507,8 @@ def _atomic_write(path, write_to):
         with open(tmp, "rb+") as handle:
             handle.flush()
             os.fsync(handle.fileno())
-        # mkstemp makes the file 0600; give it the mode an ordinary open() would, or keep the old file's.
-        mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644
+        # mkstemp makes the file 0600; give it the mode an ordinary open() would (umask), or keep the old file's.
+        mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else default_file_mode()
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
@@ -597,15 +597,18 @@ def save_cell(cell, path, metadata=None, dtype=None):
     save_state_dict(cell_state_dict(cell, dtype=dtype), path, metadata=metadata)
 
 
-def write_json_atomic(obj, path):
-    """Write `obj` as indented JSON to `path`, atomically."""
-    text = json.dumps(obj, indent=2) + "\n"
-
+def write_text_atomic(text, path):
+    """Write the string `text` (UTF-8) to `path`, atomically."""
     def write_to(tmp):
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
 
     _atomic_write(path, write_to)
+
+
+def write_json_atomic(obj, path):
+    """Write `obj` as indented JSON to `path`, atomically."""
+    write_text_atomic(json.dumps(obj, indent=2) + "\n", path)
 
 
 def read_json(path, what="JSON file"):

@@ -45,6 +45,10 @@ VALIDATION_FORMATS = tuple(fmt for fmt in WRITE_FORMATS if fmt != "png")
 DEFAULT_TRAINABLE_MODULES = ("attn1.to_q", "attn2.to_q", "attn_temp")  # the official set
 
 
+# TrainConfig fields that record where the config came from, not settings: never read from or written to YAML.
+NOT_CONFIG_KEYS = ("source", "origins")
+
+
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and where it came from (file or command
     line)."""
@@ -120,6 +124,11 @@ class TrainConfig:
     save_full_pipeline: bool = False
     overwrite_output_dir: bool = False
     source: str = field(default="<dict>", compare=False)  # the file it came from, for messages
+    origins: Optional["_Origins"] = field(default=None, compare=False, repr=False)  # per key: file or command line
+
+    def where(self, key):
+        """Where `key`'s value came from, for messages: the YAML file, or the command-line override that set it."""
+        return self.origins(key) if self.origins is not None else self.source
 
     # -- derived values -----------------------------------------------------------------------------------------
     def resolved_attention_backend(self):
@@ -143,7 +152,8 @@ class TrainConfig:
 
     def to_dict(self):
         out = dataclasses.asdict(self)
-        out.pop("source")
+        for bookkeeping in NOT_CONFIG_KEYS:
+            out.pop(bookkeeping)
         return out
 
     def to_yaml(self):
@@ -227,7 +237,7 @@ def config_from_dict(raw, source="<dict>", base_dir=None, overridden=None):
     dotted keys set on the command line to the override as typed (their errors name it, not the file)."""
     origin = _Origins(source, overridden)
     raw = dict(raw)
-    _reject_unknown(raw, _known_fields(TrainConfig) - {"source"}, "", origin)
+    _reject_unknown(raw, _known_fields(TrainConfig) - set(NOT_CONFIG_KEYS), "", origin)
     for required in ("pretrained_model_path", "output_dir", "train_data", "validation_data"):
         if raw.get(required) is None:
             raise ConfigError(f"{source}: required key {required!r} is missing")
@@ -240,7 +250,8 @@ def config_from_dict(raw, source="<dict>", base_dir=None, overridden=None):
     kinds = _field_kinds(TrainConfig)
     checked = {f.name: _check_value(f.name, values[f.name], kinds[f.name], origin)
                for f in dataclasses.fields(TrainConfig) if f.name in values}
-    config = TrainConfig(train_data=train_data, validation_data=validation_data, source=source, **checked)
+    config = TrainConfig(train_data=train_data, validation_data=validation_data, source=source, origins=origin,
+                         **checked)
     _check_ranges(config, origin)
     _resolve_paths(config, base_dir)
     return config
@@ -424,4 +435,4 @@ def check_input_paths(config):
         ("train_data.video_path", config.train_data.video_path, "a video file (or a folder of frames)"),
     ):
         if not os.path.exists(path):
-            raise ConfigError(f"{config.source}: {key} points to {path!r}, which does not exist (expected {want})")
+            raise ConfigError(f"{config.where(key)}: {key} points to {path!r}, which does not exist (expected {want})")

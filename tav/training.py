@@ -96,11 +96,12 @@ def check_run_inputs(config):
     try:
         check_pipeline_folder(config.pretrained_model_path)
     except checkpoint.CheckpointError as exc:
-        raise ConfigError(f"{config.source}: pretrained_model_path: {exc}") from None
+        raise ConfigError(f"{config.where('pretrained_model_path')}: pretrained_model_path: {exc}") from None
     try:
         check_writable_dir(config.output_dir)
     except VideoError as exc:
-        raise ConfigError(f"{config.source}: output_dir {config.output_dir!r} is not writable: {exc}") from None
+        raise ConfigError(f"{config.where('output_dir')}: output_dir {config.output_dir!r} is not writable: "
+                          f"{exc}") from None
     resume_path = resolve_resume(config)
     # Resuming a checkpoint of output_dir continues the run there; anything else would mix with what is there.
     continues_here = resume_path is not None and os.path.dirname(os.path.abspath(resume_path)) == config.output_dir
@@ -135,12 +136,13 @@ def resolve_resume(config):
     else:
         path = request
         if not os.path.isfile(os.path.join(path, state.STATE_NAME)):
-            raise ConfigError(f"{config.source}: resume_from_checkpoint points to {path!r}, which is not a checkpoint "
-                              f"folder (no {state.STATE_NAME}); use 'latest' or a {state.CHECKPOINT_PREFIX}N folder")
+            raise ConfigError(f"{config.where('resume_from_checkpoint')}: resume_from_checkpoint points to {path!r}, "
+                              f"which is not a checkpoint folder (no {state.STATE_NAME}); use 'latest' or a "
+                              f"{state.CHECKPOINT_PREFIX}N folder")
     try:
         recorded = state.recorded_config(path)
     except checkpoint.CheckpointError as exc:
-        raise ConfigError(f"{config.source}: resume_from_checkpoint: {exc}") from None
+        raise ConfigError(f"{config.where('resume_from_checkpoint')}: resume_from_checkpoint: {exc}") from None
     if recorded is not None:
         refused, _ = state.config_differences(recorded, config.to_dict())
         if refused:
@@ -177,8 +179,8 @@ def load_models(config, plan, seed):
                          init_seed=seed)
         vae, text_encoder, tokenizer, scheduler = load_frozen_parts(config.pretrained_model_path, plan.compute_dtype)
     except checkpoint.CheckpointError as exc:
-        raise ConfigError(f"{config.source}: cannot load the base model from pretrained_model_path "
-                          f"{config.pretrained_model_path!r}: {exc}") from exc
+        raise ConfigError(f"{config.where('pretrained_model_path')}: cannot load the base model from "
+                          f"pretrained_model_path {config.pretrained_model_path!r}: {exc}") from exc
     return unet, vae, tokenizer, text_encoder, scheduler
 
 
@@ -191,7 +193,7 @@ def read_clip(config):
         pixels = load_video(data.video_path, data.n_sample_frames, data.sample_start_idx, data.sample_frame_rate,
                             data.height, data.width)
     except VideoError as exc:
-        raise ConfigError(f"{config.source}: train_data.video_path: {exc}") from None
+        raise ConfigError(f"{config.where('train_data.video_path')}: train_data.video_path: {exc}") from None
     return pixels.transpose(1, 0, 2, 3)[None]
 
 
@@ -394,8 +396,7 @@ def train(config, step_callback=None):
     # 2. Clear what the user asked to clear, then write the config and the log.
     cleared = state.clear_previous_run(config.output_dir) if config.overwrite_output_dir else []
     interrupted = state.remove_interrupted_writes(config.output_dir)
-    with open(os.path.join(config.output_dir, "config.yaml"), "w", encoding="utf-8") as handle:
-        handle.write(config.to_yaml())
+    checkpoint.write_text_atomic(config.to_yaml(), os.path.join(config.output_dir, "config.yaml"))
     with _RunLog(config.output_dir) as run_log:
         for notice in notices:
             logger.info(f"notice: {notice}")

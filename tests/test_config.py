@@ -233,6 +233,19 @@ def test_override_errors_name_the_command_line_not_the_file(tmp_path):
         load_train_config(bad_file, ["learning_rate=1e-4"])
 
 
+def test_a_missing_path_set_on_the_command_line_is_blamed_on_the_command_line(tmp_path):
+    (tmp_path / "sd").mkdir()  # the base model exists: the clip is what is missing
+    path = write_yaml(tmp_path / "good.yaml",
+                      GOOD_YAML.replace("pretrained_model_path: sd", f"pretrained_model_path: {tmp_path / 'sd'}"))
+    config = load_train_config(path, [f"train_data.video_path={tmp_path / 'nowhere.mp4'}"])
+    with pytest.raises(ConfigError, match=r"^command line \(train_data.video_path=.*\): train_data.video_path "):
+        check_input_paths(config)
+    from_file = load_train_config(write_yaml(tmp_path / "other.yaml", path.read_text().replace(
+        "video_path:", f"video_path: {tmp_path / 'gone.mp4'} #")))
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'other.yaml'}: train_data.video_path points to"):
+        check_input_paths(from_file)
+
+
 def test_a_scalar_yaml_file_is_not_a_mapping(tmp_path):
     path = write_yaml(tmp_path / "scalar.yaml", "just a string\n")
     with pytest.raises(ConfigError, match=r"expected a mapping of keys .* got a str \('just a string'\)"):
