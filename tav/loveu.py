@@ -262,10 +262,6 @@ def run_video(video, layout, pretrained_model_path, overrides=(), scorers=None, 
     write_json_atomic(marker, marker_path)
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
-        try:
-            os.removedirs(os.path.dirname(work))  # the emptied subset folder, and work/ itself when empty
-        except OSError:
-            pass
     return marker, generated
 
 
@@ -300,12 +296,9 @@ def summary_table(summary):
     return format_table(rows)
 
 
-def run_benchmark(data_path, pretrained_model_path, output_dir, overrides=(), scorers=None, dtype="fp32",
-                  keep_work=False, rank=0, world_size=1, on_video=None):
-    """Edit (and score) every video of the dataset that this worker owns; returns the summary when every video
-    is done and scores were asked for (it is then also written to OUT/scores.json), else None.
-
-    `on_video(video, generated)` runs after each video (progress, tests)."""
+def edit_share(data_path, pretrained_model_path, output_dir, overrides=(), scorers=None, dtype="fp32",
+               keep_work=False, rank=0, world_size=1, on_video=None):
+    """Bring every video this worker owns (`shard`) to done; `on_video(video, generated)` runs after each."""
     videos = read_dataset(data_path)
     layout = Layout(output_dir)
     for video in shard(videos, rank, world_size):
@@ -313,8 +306,41 @@ def run_benchmark(data_path, pretrained_model_path, output_dir, overrides=(), sc
         _, generated = run_video(video, layout, pretrained_model_path, overrides, scorers, dtype, keep_work)
         if on_video is not None:
             on_video(video, generated)
+    return videos
+
+
+def remove_empty_work_folders(layout):
+    """work/<subset>/ and work/ once they hold nothing (only after every worker is done: another worker may be
+    about to create its video's folder in them)."""
+    work = os.path.join(layout.root, "work")
+    if not os.path.isdir(work):
+        return
+    for subset in os.listdir(work):
+        try:
+            os.rmdir(os.path.join(work, subset))
+        except OSError:
+            pass
+    try:
+        os.rmdir(work)
+    except OSError:
+        pass
+
+
+def write_summary(videos, output_dir, scorers):
+    """Tidy the work folders; OUT/scores.json from every video's done marker, when scores were asked for and every video is done;
+    returns the summary, or None."""
+    layout = Layout(output_dir)
+    remove_empty_work_folders(layout)
     if not _wanted_metrics(scorers) or not all(os.path.isfile(layout.marker(v)) for v in videos):
         return None
     summary = summarise(videos, layout)
     write_json_atomic(summary, layout.scores)
     return summary
+
+
+def run_benchmark(data_path, pretrained_model_path, output_dir, overrides=(), scorers=None, dtype="fp32",
+                  keep_work=False, on_video=None):
+    """The whole benchmark in one process: edit (and score) every video, then the summary (see write_summary)."""
+    videos = edit_share(data_path, pretrained_model_path, output_dir, overrides, scorers, dtype, keep_work,
+                        on_video=on_video)
+    return write_summary(videos, output_dir, scorers)

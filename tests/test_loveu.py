@@ -143,3 +143,21 @@ def test_loveu_reports_a_missing_dataset_in_one_line(tmp_path):
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error:") and "LOVEU-TGVE-2023_Dataset.csv" in result.stderr
+
+
+@pytest.mark.parity
+def test_two_ranks_under_msrun_give_the_single_process_scores(assets, clean_run, tmp_path):
+    out = tmp_path / "out"
+    command = ["msrun", "--worker_num=2", "--local_worker_num=2", "--master_port=8131", "--join=True",
+               f"--log_dir={tmp_path / 'msrun'}", str(REPO_ROOT / "tools" / "loveu.py"), "--use_parallel", "True",
+               "--mode", "1", "--data_path", str(assets["data"]), "--pretrained_model_path", str(assets["sd"]),
+               "--output_dir", str(out), "--clip_model", str(assets["clip"]), "--pickscore_model",
+               str(assets["pick"]), *FAST]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=1200)
+    logs = "".join(p.read_text(errors="replace")[-3000:] for p in sorted((tmp_path / "msrun").glob("*.log")))
+    assert result.returncode == 0, logs
+    assert json.loads((out / "scores.json").read_text()) == clean_run[1]
+    # Each rank edited its own video and logged to its own file.
+    assert "blackswan: editing" in (out / "logs" / "rank_0.log").read_text()
+    assert "cat-in-the-sun: editing" in (out / "logs" / "rank_1.log").read_text()
+    assert not (out / "work").exists()

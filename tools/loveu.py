@@ -23,6 +23,41 @@ from tav import backend  # noqa: E402
 from tav.cli import run_cli  # noqa: E402
 
 
+def str_to_bool(text):
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def set_up_ranks(args):
+    """(rank, world size): (0, 1) alone; under msrun the communication group's, each rank on its own device
+    (DEVICE_ID when the launcher sets it). Rank 0 logs to the console, every rank to OUT/logs/rank_N.log."""
+    device_id = int(os.environ["DEVICE_ID"]) if "DEVICE_ID" in os.environ else None
+    backend.configure(device_target=args.device_target, mode=args.mode, device_id=device_id)
+    rank, world_size = 0, 1
+    if args.use_parallel:
+        from mindspore.communication import get_group_size, get_rank, init
+
+        init()
+        rank, world_size = get_rank(), get_group_size()
+    log_dir = os.path.join(args.output_dir, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    handlers = [logging.FileHandler(os.path.join(log_dir, f"rank_{rank}.log"), encoding="utf-8")]
+    if rank == 0:
+        handlers.append(logging.StreamHandler())
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s", handlers=handlers)
+    return rank, world_size
+
+
+def barrier(world_size):
+    if world_size > 1:
+        from mindspore.mint.distributed import barrier as all_ranks_arrive
+
+        all_ranks_arrive()
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_path", required=True, help="the benchmark folder (LOVEU-TGVE-2023_Dataset.csv, "
@@ -36,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--keep_work", action="store_true", help="keep each video's tuning run and inverted latents")
     p.add_argument("--device_target", default="CPU", choices=["CPU", "GPU", "Ascend"])
     p.add_argument("--mode", type=int, default=0, choices=[0, 1], help="0 graph (default), 1 pynative")
+    p.add_argument("--use_parallel", type=str_to_bool, default=False,
+                   help="True under msrun: each rank edits every N-th video on its own device; rank 0 writes the "
+                        "summary once all are done")
     p.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
     args = p.parse_args(argv)
@@ -46,14 +84,17 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    backend.configure(device_target=args.device_target, mode=args.mode)
     from tav import evaluation, loveu
 
-    loveu.read_dataset(args.data_path)  # a bad dataset fails before any model loads
+    loveu.read_dataset(args.data_path)  # a bad dataset fails before any model loads or any rank starts
+    rank, world_size = set_up_ranks(args)
     scorers = evaluation.Scorers.load(args.clip_model, args.pickscore_model, args.pickscore_processor)
-    summary = loveu.run_benchmark(args.data_path, args.pretrained_model_path, args.output_dir, args.overrides,
-                                  scorers, args.dtype, args.keep_work)
+    videos = loveu.edit_share(args.data_path, args.pretrained_model_path, args.output_dir, args.overrides, scorers,
+                              args.dtype, args.keep_work, rank, world_size)
+    barrier(world_size)  # every rank's videos are done before rank 0 gathers their scores
+    if rank != 0:
+        return 0
+    summary = loveu.write_summary(videos, args.output_dir, scorers)
     print(f"submission: {os.path.join(os.path.abspath(args.output_dir), 'submission')}")
     if summary is not None:
         print(loveu.summary_table(summary))
