@@ -11,6 +11,7 @@ from typing import List, Optional
 from tav import video as video_io
 from tav.checks import SIZE_RULE, describe_range, in_range, is_int, is_pixel_size
 from tav.pipeline import PipelineError, TuneAVideoPipeline, invert_video, load_inverted_latents, resolve_dtype
+from tav.windows import WindowError, WindowSpec, check_window
 
 logger = logging.getLogger(__name__)
 OUTPUT_FORMATS = video_io.WRITE_FORMATS
@@ -77,6 +78,8 @@ class SampleRequest:
     cache_dir: Optional[str] = None
     progress: bool = True
     check_base: bool = True  # False: apply a delta even when the base weights' fingerprint differs
+    window: Optional[int] = None  # frames per UNet window (docs/long-videos.md); None: one pass over all frames
+    window_overlap: Optional[int] = None  # frames shared by neighbouring windows; default window // 3
 
     def check_options(self):
         """The values alone (prompts, numbers, sizes, formats, dtype), before any file is read or written."""
@@ -95,7 +98,21 @@ class SampleRequest:
         if unknown:
             raise PipelineError(f"--format {unknown[0]!r} unknown; use one of {', '.join(OUTPUT_FORMATS)}")
         resolve_dtype(self.dtype)
+        self.window_spec()
         return self
+
+    def window_spec(self):
+        """The WindowSpec of --window/--window_overlap (overlap window // 3 unless given), or None."""
+        if self.window is None:
+            if self.window_overlap is not None:
+                raise PipelineError(f"--window_overlap {self.window_overlap!r} needs --window (frames per window)")
+            return None
+        overlap = self.window // 3 if self.window_overlap is None and is_int(self.window) else self.window_overlap
+        try:
+            check_window(self.window, overlap, "--window", "--window_overlap")
+        except WindowError as exc:
+            raise PipelineError(str(exc)) from None
+        return WindowSpec(self.window, overlap)
 
     def validate(self):
         """Everything that can be checked before loading a model; errors name the option."""
@@ -155,7 +172,7 @@ def run_sampling(request, pipeline=None):
             pipeline, request.video, request.video_length, request.height, request.width, request.num_inv_steps,
             start=request.sample_start_idx, stride=request.sample_frame_rate, prompt=inversion_prompt,
             seed=request.seed, cache_dir=request.cache_dir or os.path.join(request.output_dir, "inv_latents"),
-            progress=request.progress)
+            progress=request.progress, window=request.window_spec())
         logger.info("inverted latents: %s", cached)
     elif request.inv_latents is not None:
         latents = load_inverted_latents(request.inv_latents)
@@ -167,7 +184,7 @@ def run_sampling(request, pipeline=None):
         videos = pipeline(prompt, request.video_length, request.height, request.width, request.num_inference_steps,
                           request.guidance_scale, request.negative_prompt, request.num_videos_per_prompt,
                           request.eta, latents=latents, seed=request.seed + p * request.num_videos_per_prompt,
-                          progress=request.progress)
+                          progress=request.progress, window=request.window_spec())
         written += video_io.write_prompt_videos(videos, prompt, request.output_dir, request.fmt, request.fps)
     logger.info("sampled %d prompt(s) in %.1f s", len(request.prompts), time.time() - started)
     return written

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from tav import backend
 from tav.schedulers import timestep_batch
+from tav.windows import as_window, windowed_prediction
 
 
 def call_unet(unet, sample, timestep, encoder_hidden_states):
@@ -79,6 +80,7 @@ def ddim_invert(
     prediction_type=None,
     callback=None,
     progress=False,
+    window=None,
 ):
     """Invert `latents` (B, 4, F, h, w) with `num_inv_steps` DDIM steps; returns the `num_inv_steps + 1` latents
     of the walk, `latents` itself first and the noise at the last timestep (981 for SD and 50 steps) last.
@@ -87,14 +89,19 @@ def ddim_invert(
     (one value repeated) and `encoder_hidden_states` as given (the empty-prompt embedding in Tune-A-Video; no
     guidance). Calls `scheduler.set_timesteps(num_inv_steps)`. `prediction_type` overrides the scheduler's
     (e.g. "epsilon" reproduces the official reading of a v model's output). `callback(i, t, latents)` runs after
-    each step; `progress=True` shows a tqdm bar.
+    each step; `progress=True` shows a tqdm bar. `window` (a tav.windows.WindowSpec, size or (size, overlap)) runs
+    the UNet on overlapping windows of frames and fuses their predictions (tav.windows); None: one pass.
     """
+    window = as_window(window)
     scheduler.set_timesteps(num_inv_steps)
     timesteps = [int(t) for t in scheduler.timesteps[::-1]]
     walk = [latents]
     latent = latents
     for i, t in enumerate(tqdm(timesteps, desc="DDIM inversion", unit="step", disable=not progress)):
-        model_output = call_unet(unet, latent, t, encoder_hidden_states)
+        if window is None:
+            model_output = call_unet(unet, latent, t, encoder_hidden_states)
+        else:
+            model_output = windowed_prediction(lambda x: call_unet(unet, x, t, encoder_hidden_states), latent, window)
         latent = next_step(model_output, t, latent, scheduler, prediction_type)
         walk.append(latent)
         if callback is not None:

@@ -23,6 +23,7 @@ from tav.sampling import denoise, prepare_latents
 from tav.schedulers import DDIMScheduler
 from tav.text import encode_prompts, load_text_encoder, load_tokenizer
 from tav.video import load_video
+from tav.windows import as_window
 
 DTYPES = {"fp32": ms.float32, "float32": ms.float32, "fp16": ms.float16, "float16": ms.float16}
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -149,22 +150,25 @@ class TuneAVideoPipeline:
         return video_to_latents(self.vae, pixels, sample=sample, noise_seed=seed if sample else None,
                                 chunk_size=self.vae_chunk_size)
 
-    def invert(self, latents, num_inv_steps=50, prompt="", progress=False):
-        """DDIM inversion conditioned on `prompt` ("" = the official empty prompt); returns the whole walk."""
+    def invert(self, latents, num_inv_steps=50, prompt="", progress=False, window=None):
+        """DDIM inversion conditioned on `prompt` ("" = the official empty prompt); returns the whole walk.
+        `window` (tav.windows.WindowSpec or (size, overlap)): the UNet runs on overlapping windows of frames."""
         context = self.encode_text([prompt] * latents.shape[0])
-        return ddim_invert(self.unet, self.scheduler, latents, context, num_inv_steps, progress=progress)
+        return ddim_invert(self.unet, self.scheduler, latents, context, num_inv_steps, progress=progress,
+                           window=window)
 
     def decode(self, latents):
         return latents_to_video(self.vae, latents, chunk_size=self.vae_chunk_size).asnumpy()
 
     def __call__(self, prompts, video_length, height=None, width=None, num_inference_steps=50, guidance_scale=7.5,
                  negative_prompt=None, num_videos_per_prompt=1, eta=0.0, latents=None, seed=None, progress=False,
-                 output_type="np"):
+                 output_type="np", window=None):
         """Sample videos, one per prompt and per `num_videos_per_prompt`, returned as float32 (N, 3, F, H, W)
         in [0, 1] (or latents with output_type="latent").
 
         `latents` (1 or N, 4, F, h, w), e.g. inverted source latents, is the start for every video; otherwise each
-        video starts from N(0, 1) noise drawn from `seed` (video k uses seed + k).
+        video starts from N(0, 1) noise drawn from `seed` (video k uses seed + k). `window` (tav.windows.WindowSpec
+        or (size, overlap)): every step runs the UNet on overlapping windows of frames (docs/long-videos.md).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         height, width = self.check_request(prompts, video_length, height, width, latents, num_videos_per_prompt)
@@ -184,7 +188,8 @@ class TuneAVideoPipeline:
                     start = prepare_latents(shape, None if seed is None else seed + index, self.dtype,
                                             self.scheduler.init_noise_sigma)
                 final = denoise(self.unet, self.scheduler, start, cond, uncond, num_inference_steps, guidance_scale,
-                                eta=eta, noise_seed=None if seed is None else seed + index, progress=progress)
+                                eta=eta, noise_seed=None if seed is None else seed + index, progress=progress,
+                                window=window)
                 outputs.append(final if output_type == "latent" else self.decode(final))
         if output_type == "latent":
             return ms.ops.cat(outputs, 0)
@@ -238,10 +243,14 @@ def inversion_request(pipeline, video_path, n_frames, start, stride, height, wid
 
 
 def invert_video(pipeline, video_path, n_frames, height, width, num_inv_steps=50, start=0, stride=1, prompt="",
-                 seed=0, cache_dir=None, progress=False):
-    """Inverted latents (1, 4, F, h, w) of a clip, reused from `cache_dir` when the same request was served."""
+                 seed=0, cache_dir=None, progress=False, window=None):
+    """Inverted latents (1, 4, F, h, w) of a clip, reused from `cache_dir` when the same request was served.
+    `window` (tav.windows.WindowSpec) inverts in overlapping windows of frames; it is part of the cache key."""
     request = inversion_request(pipeline, video_path, n_frames, start, stride, height, width, num_inv_steps,
                                 prompt, seed)
+    window = as_window(window)
+    if window is not None:  # absent otherwise, so the latents cached before windows existed are still found
+        request["window"] = [window.size, window.overlap]
     key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
     if cache_dir is not None:
         cached = os.path.join(cache_dir, f"inv-{key}.safetensors")
@@ -249,7 +258,7 @@ def invert_video(pipeline, video_path, n_frames, height, width, num_inv_steps=50
             return ms.Tensor(checkpoint.read_state_dict(cached)["latents"]).astype(pipeline.dtype), cached
     pixels = load_video(video_path, n_frames, start, stride, height, width)
     latents = pipeline.encode_video(pixels, seed=seed)
-    inverted = pipeline.invert(latents, num_inv_steps, prompt=prompt, progress=progress)[-1]
+    inverted = pipeline.invert(latents, num_inv_steps, prompt=prompt, progress=progress, window=window)[-1]
     saved = None
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from tav.inversion import call_unet
 from tav.noise import standard_normal
+from tav.windows import as_window, windowed_prediction
 
 
 def prepare_latents(shape, seed, dtype=ms.float32, init_noise_sigma=1.0):
@@ -50,6 +51,7 @@ def denoise(
     callback=None,
     callback_steps=1,
     progress=False,
+    window=None,
 ):
     """Run `num_inference_steps` DDIM steps from `latents` (B, 4, F, h, w) and return the final latents (same dtype).
 
@@ -61,7 +63,10 @@ def denoise(
     eta > 0 adds fresh noise at each step from `generator` (a np.random.Generator) or from
     np.random.default_rng(noise_seed); with neither, from an unseeded generator (not reproducible).
     `callback(i, t, latents)` runs after every `callback_steps`-th step; `progress=True` shows a tqdm bar (s/step).
+    `window` (a tav.windows.WindowSpec, size or (size, overlap)) runs the guided prediction on overlapping windows
+    of frames and fuses them (tav.windows); None: one pass over all frames.
     """
+    window = as_window(window)
     batch = latents.shape[0]
     text_embeddings = _batched(text_embeddings, batch, "text_embeddings")
     guided = uncond_embeddings is not None and guidance_scale > 1
@@ -74,14 +79,19 @@ def denoise(
 
     scheduler.set_timesteps(num_inference_steps)
     timesteps = [int(t) for t in scheduler.timesteps]
-    for i, t in enumerate(tqdm(timesteps, desc="DDIM sampling", unit="step", disable=not progress)):
+
+    def predict(x, t):
         if guided:
-            model_input = ops.concat([latents, latents], axis=0)
-            prediction = call_unet(unet, model_input, t, context).astype(ms.float32)
+            prediction = call_unet(unet, ops.concat([x, x], axis=0), t, context).astype(ms.float32)
             uncond, cond = prediction[:batch], prediction[batch:]
-            prediction = uncond + float(guidance_scale) * (cond - uncond)
+            return uncond + float(guidance_scale) * (cond - uncond)
+        return call_unet(unet, x, t, context)
+
+    for i, t in enumerate(tqdm(timesteps, desc="DDIM sampling", unit="step", disable=not progress)):
+        if window is None:
+            prediction = predict(latents, t)
         else:
-            prediction = call_unet(unet, latents, t, context)
+            prediction = windowed_prediction(lambda x: predict(x, t), latents, window)
         latents = scheduler.step(prediction, t, latents, eta=eta, generator=generator if eta > 0 else None).prev_sample
         if callback is not None and i % callback_steps == 0:
             callback(i, t, latents)

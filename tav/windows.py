@@ -1,0 +1,150 @@
+"""Windowed denoising of long videos: at every DDIM step the UNet sees overlapping windows of frames, and the
+overlapping predictions are fused into one prediction for the whole video (Gen-L-Video's co-denoising, with
+Tune-A-Video's sparse-causal anchor kept).
+
+    windows: starts 0, S, 2S, ... (stride S = size - overlap), the last one moved back to end on the last frame
+    window at s feeds the UNet the frames [0, s-1, s, ..., s+size-1] (just [0..size-1] or [0..size] for s <= 1)
+    eps[f] = sum_k w_k(f) eps_k[f] / sum_k w_k(f)        over the windows k that own frame f
+
+The window's own frames are s..s+size-1; video frame 0 and frame s-1 come along as context so that every own
+frame's sparse-causal attention sees the keys of the *video's* first frame and of its own previous frame, as a
+single pass over all frames would. In that layout the table "local index of video frame 0, local index of the
+previous video frame" is exactly sparse_causal_frame_table(len(frames)) (see window_frame_table), so the UNet runs
+with its default frame policy and needs no per-window policy (and no recompilation). The two context frames'
+predictions are dropped. What differs from one pass: the temporal attention (attn_temp) of a window sees its own
+frames plus frames 0 and s-1 instead of all frames (the model has no attention mask to hide them, and seeing them
+is closer to the single pass than hiding them), and frame s-1, as context, attends to frame 0 only.
+
+The fusion weight of a window's frame is 1 inside the window and ramps linearly down across the overlap at either
+edge (j+1)/(overlap+1), so a frame owned by two windows fades from one to the other; normalising per frame makes
+the weights of a frame sum to 1, and a frame owned by one window takes that window's prediction unchanged.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import ops
+
+
+class WindowError(ValueError):
+    """A window size/overlap that cannot tile a video."""
+
+
+def check_window(size, overlap, size_name="window", overlap_name="window_overlap"):
+    """size an integer >= 2 and overlap an integer with 0 <= overlap < size; the error names the options."""
+    def is_integer(value):
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    if not is_integer(size) or size < 2:
+        raise WindowError(f"{size_name} must be an integer >= 2 (frames per window), got {size!r}")
+    if not is_integer(overlap) or not 0 <= overlap < size:
+        raise WindowError(f"{overlap_name} must be an integer with 0 <= {overlap_name} < {size_name} "
+                          f"(= {size}), got {overlap!r}")
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """Windows of `size` frames that overlap their neighbour by at least `overlap` frames."""
+    size: int
+    overlap: int = 0
+
+    def __post_init__(self):
+        check_window(self.size, self.overlap)
+
+    @property
+    def stride(self):
+        return self.size - self.overlap
+
+
+def as_window(window):
+    """None, a WindowSpec, an int (size, no overlap) or a (size, overlap) pair -> WindowSpec or None."""
+    if window is None or isinstance(window, WindowSpec):
+        return window
+    if isinstance(window, (tuple, list)):
+        return WindowSpec(*window)
+    return WindowSpec(window)
+
+
+def window_starts(video_length, window):
+    """First frames of the windows that cover `video_length` frames: 0, stride, 2 stride, ... and, when those stop
+    short of the end, one window aligned to end on the last frame. One window [0] when size >= video_length."""
+    window = as_window(window)
+    if window.size >= video_length:
+        return [0]
+    last = video_length - window.size
+    starts = list(range(0, last + 1, window.stride))
+    if starts[-1] != last:
+        starts.append(last)
+    return starts
+
+
+def window_frames(start, size, video_length):
+    """(frames fed to the UNet, number of leading context frames) for the window at `start`: [0, s-1, s..s+size-1],
+    deduplicated when s <= 1, and cut at the video's end (a window longer than the video is the video)."""
+    end = min(start + size, video_length)
+    if start <= 1:
+        return list(range(0, end)), start
+    return [0] + list(range(start - 1, end)), 2
+
+
+def window_frame_table(frames):
+    """For each local frame (video frame v = frames[j]): (local index of video frame 0, local index of the latest
+    earlier video frame in `frames`, or of v itself when none is earlier), int32 (len(frames), 2). For the layout
+    of window_frames this is sparse_causal_frame_table(len(frames)): the previous frame of every own frame is
+    its previous video frame, and the anchor is video frame 0."""
+    local = {v: j for j, v in enumerate(frames)}
+    rows = []
+    for v in frames:
+        earlier = [u for u in frames if u < v]
+        rows.append([local[0], local[max(earlier)] if earlier else local[v]])
+    return np.asarray(rows, np.int32)
+
+
+def fusion_weights(size, overlap):
+    """Per-frame weight of a window's frames, float32 (size,): 1 inside, (j+1)/(overlap+1) over the first and last
+    `overlap` frames (smallest at the edges, symmetric); all ones when overlap is 0."""
+    j = np.arange(size, dtype=np.float64)
+    ramp = np.minimum(j + 1, size - j) / (overlap + 1)
+    return np.minimum(ramp, 1.0).astype(np.float32)
+
+
+def normalised_weights(video_length, window):
+    """[(start, weights (n,)) per window]: each window's fusion weights over its own frames (n = size, fewer only
+    when the window is the whole shorter video), divided per frame by the sum over the windows owning that frame,
+    so every frame's weights sum to 1 (exactly 1.0 for a frame owned by a single window)."""
+    window = as_window(window)
+    starts = window_starts(video_length, window)
+    base = fusion_weights(window.size, window.overlap)
+    lengths = [min(window.size, video_length - s) for s in starts]
+    total = np.zeros(video_length, np.float32)
+    for s, n in zip(starts, lengths):
+        total[s:s + n] += base[:n]
+    return [(s, base[:n] / total[s:s + n]) for s, n in zip(starts, lengths)]
+
+
+def windowed_prediction(predict, sample, window):
+    """The fused prediction for `sample` (B, C, F, h, w): `predict(window_sample)` (-> same shape as its input) on
+    every window of frames, the context frames' outputs dropped, the own frames' outputs weighted by
+    normalised_weights and summed into float32 and cast back to the prediction's dtype. One window covering the
+    video is `predict(sample)` itself."""
+    window = as_window(window)
+    video_length = sample.shape[2]
+    plan = normalised_weights(video_length, window)
+    if len(plan) == 1:
+        return predict(sample)
+    fused, dtype = None, None
+    for start, weights in plan:
+        frames, context = window_frames(start, window.size, video_length)
+        if context == 2:  # frames 0 and s-1..s+size-1: two slices, no gather
+            part = ops.concat([sample[:, :, 0:1], sample[:, :, start - 1:start + window.size]], axis=2)
+        else:
+            part = sample[:, :, 0:len(frames)]
+        prediction = predict(part)
+        dtype = prediction.dtype
+        own = prediction[:, :, context:].astype(ms.float32)
+        own = own * ms.Tensor(weights.reshape(1, 1, -1, 1, 1))
+        after = video_length - start - own.shape[2]
+        own = ops.pad(own, (0, 0, 0, 0, start, after))
+        fused = own if fused is None else fused + own
+    return fused.astype(dtype)
