@@ -31,7 +31,9 @@ CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 # Buffers older transformers versions saved; the model builds them itself.
 BUFFER_KEYS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
-# Frames per forward pass of the image tower: the result does not depend on it (up to float rounding).
+# Frames per forward pass of the image tower. Every pass has this shape (the last one padded), and every prompt is
+# padded to the text model's length, so GRAPH_MODE compiles each tower once; neither padding changes a result
+# (frames are independent, and the text mask is causal).
 IMAGE_BATCH = 8
 
 
@@ -207,18 +209,22 @@ class Clip:
     def image_embeddings(self, images):
         """(F, D) unit image embeddings of a sequence of images."""
         pixels = self.pixel_values(images)
-        chunks = [self.model.get_image_features(pixels[i:i + IMAGE_BATCH]).asnumpy()
-                  for i in range(0, len(pixels), IMAGE_BATCH)]
+        chunks = []
+        for start in range(0, len(pixels), IMAGE_BATCH):
+            chunk = pixels[start:start + IMAGE_BATCH]
+            padded = np.concatenate([chunk, np.zeros((IMAGE_BATCH - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+            chunks.append(self.model.get_image_features(padded).asnumpy()[:len(chunk)])
         return l2_normalise(np.concatenate(chunks))
 
-    def token_ids(self, prompt):
-        """(1, N) ids of one prompt, truncated to the text model's positions (77 for the published models)."""
+    def token_ids(self, prompt, pad=False):
+        """(1, N) ids of one prompt, truncated to the text model's positions (77 for the published models), and
+        with `pad` padded to that length."""
         max_length = self.model.config.text.max_position_embeddings
-        return np.asarray(
-            self.tokenizer([prompt], truncation=True, max_length=max_length, return_tensors="np").input_ids
-        )
+        padding = "max_length" if pad else False
+        return np.asarray(self.tokenizer([prompt], truncation=True, max_length=max_length, padding=padding,
+                                         return_tensors="np").input_ids)
 
     def text_embeddings(self, prompts):
-        """(P, D) unit text embeddings, one prompt at a time (no padding needed)."""
-        rows = [self.model.get_text_features(self.token_ids(prompt)).asnumpy() for prompt in prompts]
+        """(P, D) unit text embeddings, one prompt per pass."""
+        rows = [self.model.get_text_features(self.token_ids(prompt, pad=True)).asnumpy() for prompt in prompts]
         return l2_normalise(np.concatenate(rows))
