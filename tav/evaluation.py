@@ -166,6 +166,12 @@ def evaluate_video(path, prompt, scorers):
     return scorers.score(read_frames(path), prompt)
 
 
+def score_videos(videos, scorers):
+    """[(path, prompt)] -> [(path, scores)]: every written video scored (what `tools/sample.py --eval_clip_model`
+    reports for the videos it writes)."""
+    return [(path, evaluate_video(path, prompt, scorers)) for path, prompt in videos]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # reporting
 

@@ -79,6 +79,13 @@ def test_scores_equal_the_benchmarks_formulas(folders, pynative):
     np.testing.assert_allclose(scores["pickscore"], pick, rtol=1e-4)
 
 
+@pytest.mark.parity
+def test_score_videos_scores_each_written_video_for_its_prompt(folders, pynative):
+    scorers = Scorers.load(folders["clip"])
+    (path, scores), = evaluation.score_videos([(folders["frames"], PROMPT)], scorers)
+    assert path == folders["frames"] and scores == evaluate_video(folders["frames"], PROMPT, scorers)
+
+
 def test_frame_consistency_excludes_the_diagonal():
     e = np.array([[1.0, 0.0], [0.0, 1.0], [np.sqrt(0.5), np.sqrt(0.5)]])
     # pairs: (0,1)=0, (0,2)=(1,2)=sqrt(.5), each counted twice, over 3*2 ordered pairs
