@@ -134,15 +134,16 @@ def load_pipeline(folder):
     return TuneAVideoPipeline.from_pretrained(folder)
 
 
-def outputs(pipeline):
+def outputs(pipeline, parts=("unet", "vae", "text_encoder")):
     rng = np.random.default_rng(0)
     sample = ms.Tensor(rng.standard_normal((1, 4, 2, 8, 8)).astype(np.float32))
     context = ms.Tensor(rng.standard_normal((1, 5, 32)).astype(np.float32))
     pixels = ms.Tensor(rng.uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32))
     ids = ms.Tensor(np.array([[998, 5, 77, 300, 999, 999]], dtype=np.int64))
-    return {"unet": pipeline.unet(sample, 10, context).asnumpy(),
-            "vae": pipeline.vae.decode(pipeline.vae.encode_moments(pixels)[:, :4]).asnumpy(),
-            "text_encoder": pipeline.text_encoder(ids)[0].asnumpy()}
+    run = {"unet": lambda: pipeline.unet(sample, 10, context).asnumpy(),
+           "vae": lambda: pipeline.vae.decode(pipeline.vae.encode_moments(pixels)[:, :4]).asnumpy(),
+           "text_encoder": lambda: pipeline.text_encoder(ids)[0].asnumpy()}
+    return {part: run[part]() for part in parts}
 
 
 @pytest.mark.parametrize("kind", CONTAINERS)
@@ -323,3 +324,28 @@ def test_lightning_callback_state_beside_the_weights_is_skipped(tiny, ldm_state,
         monkeypatch.delitem(sys.modules, name)
     model = ldm_checkpoint.convert_single_file(path, config_from=tiny)
     assert_same_weights(model.state_dicts, folder_weights(tiny))
+
+
+def test_an_sd2_layout_file_gives_identical_outputs(tiny, tmp_path, pynative):
+    """The OpenCLIP text layout (fused in_proj, the unused last block) end to end, on an SD 2-style copy of the
+    tiny model (gelu text encoder). The text encoder is compared by its weights: mindone's CLIPTextModel runs
+    hidden_act="gelu" as mint's GeluExt, which MindSpore 2.10 has no CPU kernel for (either mode)."""
+    import shutil
+
+    sd2 = str(tmp_path / "sd2")
+    shutil.copytree(tiny, sd2)
+    config_path = os.path.join(sd2, "text_encoder", "config.json")
+    checkpoint.write_json_atomic({**checkpoint.read_json(config_path), "hidden_act": "gelu"}, config_path)
+    path = str(tmp_path / "sd2.safetensors")
+    checkpoint.save_state_dict(ldm_checkpoint.folder_to_ldm(sd2), path)
+    assert any(k.startswith(ldm_checkpoint.OPENCLIP_PREFIX) for k in checkpoint.read_state_dict(path))
+    folder = ldm_checkpoint.resolve_pretrained(path, prediction_type="v_prediction", config_from=sd2)
+    assert checkpoint.read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))["prediction_type"] == \
+        "v_prediction"
+    expected, got = load_pipeline(sd2), load_pipeline(folder)
+    for name, want in outputs(expected, ("unet", "vae")).items():
+        np.testing.assert_array_equal(outputs(got, (name,))[name], want, err_msg=name)
+    want, have = dict(expected.text_encoder.parameters_and_names()), dict(got.text_encoder.parameters_and_names())
+    assert sorted(want) == sorted(have)
+    for name in want:
+        np.testing.assert_array_equal(have[name].asnumpy(), want[name].asnumpy(), err_msg=name)
