@@ -86,6 +86,31 @@ def test_graph_mode_gives_the_same_image_features(tmp_path, graph_mode):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_config_dicts_win_over_config_sections_as_in_transformers():
+    from tav.models.clip import ClipConfig
+
+    raw = {"text_config": {"hidden_size": 512, "eos_token_id": 2, "num_hidden_layers": 3},
+           "text_config_dict": {"hidden_size": 768}, "vision_config": {"patch_size": 14}, "projection_dim": 768}
+    config = ClipConfig.from_dict(raw)
+    assert (config.text.hidden_size, config.text.num_hidden_layers, config.text.eos_token_id) == (768, 12, 49407)
+    assert config.vision.patch_size == 14 and config.projection_dim == 768
+
+
+@pytest.mark.parity
+def test_config_dicts_are_read_as_transformers_reads_them():
+    import_parity_extra()
+    import transformers
+    from tav.models.clip import ClipConfig
+
+    raw = {"text_config": {"hidden_size": 512, "eos_token_id": 2, "num_hidden_layers": 3},
+           "text_config_dict": {"hidden_size": 768}, "vision_config": {"patch_size": 14},
+           "vision_config_dict": {"image_size": 336}, "projection_dim": 768}
+    ref, ours = transformers.CLIPConfig(**raw), ClipConfig.from_dict(raw)
+    for section, ref_section in ((ours.text, ref.text_config), (ours.vision, ref.vision_config)):
+        for field in section.__dataclass_fields__:
+            assert getattr(section, field) == getattr(ref_section, field), field
+
+
 def test_a_checkpoint_of_another_shape_is_refused(tmp_path):
     import json
 

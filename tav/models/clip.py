@@ -72,9 +72,13 @@ class ClipConfig:
             names = {field.name for field in dataclasses.fields(section_cls)}
             return section_cls(**{k: v for k, v in (section or {}).items() if k in names})
 
+        # Older published configs (openai/clip-vit-large-patch14's among them) also carry `text_config_dict` /
+        # `vision_config_dict`; transformers then builds each tower from that dict and the defaults alone.
+        text = raw.get("text_config_dict") or raw.get("text_config")
+        vision = raw.get("vision_config_dict") or raw.get("vision_config")
         return cls(
-            text=pick(ClipTextConfig, raw.get("text_config")),
-            vision=pick(ClipVisionConfig, raw.get("vision_config")),
+            text=pick(ClipTextConfig, text),
+            vision=pick(ClipVisionConfig, vision),
             projection_dim=raw.get("projection_dim", 512),
             logit_scale_init_value=raw.get("logit_scale_init_value", 2.6592),
         )
