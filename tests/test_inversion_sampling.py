@@ -335,3 +335,19 @@ def test_reading_v_as_eps_like_the_official_code_is_measurably_worse():
     print(f"v-prediction round trip error: ours {ours:.2e}, v read as eps {official:.2e}")
     assert official > 1e-2
     assert official > 100 * ours
+
+
+def test_without_a_window_sampling_is_the_loop_it_always_was(inputs):
+    """window=None leaves denoise as the loop it was before windows existed (written out here), bit for bit."""
+    from tav.inversion import call_unet
+
+    latents, cond, uncond = (ms.Tensor(a) for a in inputs)
+    unet, scheduler, steps, scale = ToyDenoiser(), DDIMScheduler.from_config(SD), 4, 7.5
+    scheduler.set_timesteps(steps)
+    x, context = latents, ops.concat([uncond, cond], axis=0)
+    for t in [int(t) for t in scheduler.timesteps]:
+        prediction = call_unet(unet, ops.concat([x, x], axis=0), t, context).astype(ms.float32)
+        prediction = prediction[:B] + float(scale) * (prediction[B:] - prediction[:B])
+        x = scheduler.step(prediction, t, x).prev_sample
+    ours = denoise(unet, DDIMScheduler.from_config(SD), latents, cond, uncond, steps, scale, window=None)
+    np.testing.assert_array_equal(ours.asnumpy(), x.asnumpy())
