@@ -1,0 +1,321 @@
+"""Pretraining the world model: a Stable-Diffusion-1.x-shaped text-to-image pipeline of the world (tav.world).
+
+The pipeline has SD's parts and block types at toy widths (the tokenizer and frozen random CLIP text encoder of
+tav.tiny, an AutoencoderKL with SD's 8x downscale, a UNet of CrossAttnDown/Up blocks around a
+UNetMidBlock2DCrossAttn, the DDIM scheduler with SD's noise schedule), trained by tav's own models on single
+frames of the world drawn at random positions:
+
+1. the VAE to reconstruct frames (L1 + MSE, the object's pixels weighted up, a small KL term); its scaling_factor
+   is then set to 1 / the latents' standard deviation, as SD's 0.18215 was;
+2. the UNet on captioned frames (epsilon prediction, timesteps uniform over the scheduler's DDPM schedule, 10% of
+   captions dropped to "" so classifier-free guidance has an unconditional model). It is tav's 3-D
+   UNet3DConditionModel run on 1-frame videos: sparse-causal attention over one frame is self-attention, and the
+   temporal layers, excluded from training with their output projection (weight and bias) at zero, add nothing;
+   it is saved in the 2-D layout without them, as the real SD UNet is.
+
+`train_world_model(output_dir, seed)` writes the whole pipeline folder plus `world_model.json` (seed, steps, the
+command, the measured quality). Everything is drawn from numpy Generators and MindSpore's seed, so one seed gives
+one model (up to the CPU kernels' float summation order).
+"""
+import logging
+import math
+import os
+import time
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import nn, ops
+
+from tav import world
+from tav.checkpoint import cell_state_dict, save_state_dict, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+WORLD_UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [64, 96, 128],
+    "layers_per_block": 1,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 32,
+    "norm_num_groups": 16,
+    "norm_eps": 1e-5,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "center_input_sample": False,
+    "use_linear_projection": False,
+    "upcast_attention": False,
+}
+
+WORLD_VAE_CONFIG = {
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [16, 32, 32, 64],
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+    "scaling_factor": 0.18215,  # replaced by the measured 1 / std of the trained VAE's latents
+}
+
+TEXT_HIDDEN_SIZE = 32
+CAPTION_DROPOUT = 0.1
+
+
+def set_cpu_threads(threads):
+    """MindSpore's CPU op threads (the training runs beside other jobs on a small machine)."""
+    from mindspore.device_context.cpu import op_tuning
+
+    op_tuning.threads_num(int(threads))
+
+
+def frame_batch(rng, n):
+    """(pixels (n, 3, 64, 64) in [-1, 1] float32, object weights (n, 1, 64, 64), scenes)."""
+    frames, weights, scenes = [], [], []
+    for _ in range(n):
+        frame, scene, _ = world.random_frame(rng)
+        background = np.array(world.BACKGROUNDS[scene.background], np.float32)
+        near_object = np.abs(frame.astype(np.float32) - background).max(axis=-1) > 8
+        frames.append(frame)
+        weights.append(1.0 + 4.0 * near_object)
+        scenes.append(scene)
+    pixels = np.stack(frames).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+    return pixels, np.stack(weights)[:, None].astype(np.float32), scenes
+
+
+class VAELoss(nn.Cell):
+    def __init__(self, vae, kl_weight):
+        super().__init__()
+        self.vae = vae
+        self.kl_weight = kl_weight
+
+    def construct(self, pixels, weights, noise):
+        moments = self.vae.encode_moments(pixels)
+        mean, logvar = ops.chunk(moments, 2, 1)
+        logvar = ops.clamp(logvar, -30.0, 20.0)
+        z = mean + ops.exp(0.5 * logvar) * noise
+        recon = self.vae.decode(z)
+        error = recon - pixels
+        rec = (weights * (ops.abs(error) + error * error)).mean()
+        kl = 0.5 * (mean * mean + ops.exp(logvar) - 1.0 - logvar).sum(axis=(1, 2, 3)).mean()
+        return rec + self.kl_weight * kl
+
+
+class UNetLoss(nn.Cell):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def construct(self, noisy, timesteps, context, noise):
+        pred = self.unet(noisy, timesteps, context)
+        return ((pred - noise) ** 2).mean()
+
+
+class GradStep(nn.Cell):
+    """Loss and gradients as one compiled graph (GRAPH_MODE); the optimiser then runs as its own graph."""
+
+    def __init__(self, loss, weights):
+        super().__init__()
+        self.loss = loss
+        self.weights = ms.ParameterTuple(weights)
+        self.grad_fn = ms.value_and_grad(loss, None, self.weights)
+
+    def construct(self, *inputs):
+        loss, grads = self.grad_fn(*inputs)
+        grads = ops.clip_by_global_norm(grads, 1.0)
+        return loss, grads
+
+
+def cosine_lr(step, steps, peak, warmup):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _optimizer(weights, steps, lr, warmup):
+    schedule = [cosine_lr(s, steps, lr, warmup) for s in range(steps)]
+    return nn.Adam(weights, learning_rate=schedule, weight_decay=0.0)
+
+
+def _log_every(step, steps, loss, started, what, log_every):
+    if step < 3 or step % log_every == 0 or step == steps - 1:
+        elapsed = time.time() - started
+        logger.info(f"{what} step {step + 1}/{steps} loss {loss:.5f} ({elapsed:.0f}s, "
+                    f"{elapsed / (step + 1):.2f}s/step)")
+
+
+def train_vae(steps, batch_size=16, lr=1e-3, kl_weight=1e-6, seed=0, log_every=10):
+    # Some of the VAE's native CPU kernels are inference-only (no backward): it trains on the portable ops,
+    # chosen both when the layers are built and when the graph compiles.
+    from tav import backend
+
+    previous = os.environ.get(backend.NATIVE_KERNELS_ENV)
+    os.environ[backend.NATIVE_KERNELS_ENV] = "0"
+    try:
+        return _train_vae(steps, batch_size, lr, kl_weight, seed, log_every)
+    finally:
+        if previous is None:
+            del os.environ[backend.NATIVE_KERNELS_ENV]
+        else:
+            os.environ[backend.NATIVE_KERNELS_ENV] = previous
+
+
+def _train_vae(steps, batch_size, lr, kl_weight, seed, log_every):
+    from tav.models.vae import AutoencoderKL
+
+    ms.set_seed(seed)
+    vae = AutoencoderKL(dict(WORLD_VAE_CONFIG))
+    weights = list(vae.trainable_params())
+    step_fn = GradStep(VAELoss(vae, kl_weight), weights)
+    optimizer = _optimizer(weights, steps, lr, warmup=min(100, steps // 10 + 1))
+    rng = np.random.default_rng(seed)
+    started = time.time()
+    for step in range(steps):
+        pixels, object_weights, _ = frame_batch(rng, batch_size)
+        noise = rng.standard_normal((batch_size, 4, 8, 8)).astype(np.float32)
+        loss, grads = step_fn(ms.Tensor(pixels), ms.Tensor(object_weights), ms.Tensor(noise))
+        optimizer(grads)
+        _log_every(step, steps, float(loss.asnumpy()), started, "vae", log_every)
+    return vae
+
+
+def encode_bank(vae, n, seed, batch_size=64):
+    """A bank of n random captioned frames: (means, stds) (n, 4, 8, 8) of the VAE posterior, caption indices."""
+    rng = np.random.default_rng(seed)
+    captions = [s.caption for s in world.all_scenes()]
+    means, stds, labels = [], [], []
+    for start in range(0, n, batch_size):
+        pixels, _, scenes = frame_batch(rng, min(batch_size, n - start))
+        moments = vae.encode_moments(ms.Tensor(pixels)).asnumpy()
+        mean, logvar = np.split(moments, 2, axis=1)
+        means.append(mean)
+        stds.append(np.exp(0.5 * np.clip(logvar, -30, 20)))
+        labels.extend(captions.index(s.caption) for s in scenes)
+    return np.concatenate(means), np.concatenate(stds), np.array(labels)
+
+
+def caption_embeddings(pipeline_dir):
+    """(37, 77, D): the frozen text encoder's states for the 36 captions, then for "" (the unconditional one)."""
+    from tav.text import encode_prompts, load_text_encoder, load_tokenizer
+
+    tokenizer = load_tokenizer(os.path.join(pipeline_dir, "tokenizer"))
+    encoder = load_text_encoder(os.path.join(pipeline_dir, "text_encoder"))
+    captions = [s.caption for s in world.all_scenes()] + [""]
+    return encode_prompts(tokenizer, encoder, captions).asnumpy()
+
+
+def build_unet(seed):
+    """The 3-D UNet for 1-frame training: temporal output projections zeroed (weight and bias), so a 1-frame
+    temporal attention adds exactly nothing and the trained function is the 2-D UNet's."""
+    from tav.models.unet3d import UNet3DConditionModel, is_temporal_key
+
+    ms.set_seed(seed)
+    unet = UNet3DConditionModel(dict(WORLD_UNET_CONFIG))
+    for name, param in unet.parameters_and_names():
+        if is_temporal_key(name) and ".to_out." in name:
+            param.set_data(ops.zeros(param.shape, param.dtype))
+    weights = [p for n, p in unet.parameters_and_names() if not is_temporal_key(n) and p.requires_grad]
+    return unet, weights
+
+
+def train_unet(bank, embeddings, scaling_factor, steps, batch_size=32, lr=1e-3, seed=0, log_every=10):
+    from tav.schedulers import DDIMScheduler, SD_V1_SCHEDULE
+
+    means, stds, labels = bank
+    alphas = DDIMScheduler(dict(SD_V1_SCHEDULE)).alphas_cumprod.astype(np.float64)
+    unet, weights = build_unet(seed)
+    step_fn = GradStep(UNetLoss(unet), weights)
+    optimizer = _optimizer(weights, steps, lr, warmup=min(200, steps // 10 + 1))
+    rng = np.random.default_rng(seed + 1)
+    uncond = len(embeddings) - 1
+    started = time.time()
+    for step in range(steps):
+        idx = rng.integers(0, len(labels), batch_size)
+        latents = (means[idx] + stds[idx] * rng.standard_normal(means[idx].shape)) * scaling_factor
+        t = rng.integers(0, len(alphas), batch_size)
+        noise = rng.standard_normal(latents.shape)
+        a = alphas[t][:, None, None, None]
+        noisy = np.sqrt(a) * latents + np.sqrt(1 - a) * noise
+        text = np.where(rng.random(batch_size) < CAPTION_DROPOUT, uncond, labels[idx])
+        loss, grads = step_fn(ms.Tensor(noisy[:, :, None].astype(np.float32)), ms.Tensor(t.astype(np.int64)),
+                              ms.Tensor(embeddings[text]), ms.Tensor(noise[:, :, None].astype(np.float32)))
+        optimizer(grads)
+        _log_every(step, steps, float(loss.asnumpy()), started, "unet", log_every)
+    return unet
+
+
+def write_text_parts(pipeline_dir, seed):
+    """tokenizer/, text_encoder/ (tav.tiny's BPE tokenizer and a frozen random CLIP text encoder), scheduler/,
+    model_index.json."""
+    from tav import tiny
+
+    vocab = tiny.write_tiny_tokenizer(os.path.join(pipeline_dir, "tokenizer"))
+    tiny.write_tiny_text_encoder(os.path.join(pipeline_dir, "text_encoder"), vocab_size=vocab,
+                                 hidden_size=TEXT_HIDDEN_SIZE, seed=seed)
+    tiny.write_tiny_scheduler(os.path.join(pipeline_dir, "scheduler"))
+    tiny.write_model_index(pipeline_dir)
+
+
+def save_vae(vae, folder, scaling_factor):
+    os.makedirs(folder, exist_ok=True)
+    config = dict(WORLD_VAE_CONFIG, scaling_factor=float(scaling_factor))
+    state = {k: v.astype(np.float16) for k, v in cell_state_dict(vae).items()}
+    save_state_dict(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    write_json_atomic(config, os.path.join(folder, "config.json"))
+
+
+def save_unet_2d(unet, folder):
+    from tav.models.unet3d import is_temporal_key
+
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.astype(np.float16) for k, v in cell_state_dict(unet).items() if not is_temporal_key(k)}
+    save_state_dict(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    write_json_atomic(dict(WORLD_UNET_CONFIG), os.path.join(folder, "config.json"))
+
+
+def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_size=20000, command=None,
+                      vae_batch=16, unet_batch=32):
+    """Write a trained world pipeline folder into `output_dir` (see the module docstring); returns its record."""
+    from tav.models.vae import AutoencoderKL
+
+    started = time.time()
+    os.makedirs(output_dir, exist_ok=True)
+    write_text_parts(output_dir, seed)
+    embeddings = caption_embeddings(output_dir)
+
+    vae = train_vae(vae_steps, batch_size=vae_batch, seed=seed)
+    vae_seconds = time.time() - started
+    bank = encode_bank(vae, bank_size, seed + 2)
+    scaling_factor = 1.0 / float(np.sqrt((bank[0] ** 2).mean() + (bank[1] ** 2).mean()))
+    save_vae(vae, os.path.join(output_dir, "vae"), scaling_factor)
+    logger.info(f"vae trained in {vae_seconds:.0f}s; scaling_factor {scaling_factor:.4f}")
+
+    unet = train_unet(bank, embeddings, scaling_factor, unet_steps, batch_size=unet_batch, seed=seed)
+    save_unet_2d(unet, os.path.join(output_dir, "unet"))
+    record = {
+        "seed": seed,
+        "command": command,
+        "vae_steps": vae_steps,
+        "vae_batch_size": vae_batch,
+        "unet_steps": unet_steps,
+        "unet_batch_size": unet_batch,
+        "bank_size": bank_size,
+        "scaling_factor": scaling_factor,
+        "train_seconds": round(time.time() - started, 1),
+    }
+    write_json_atomic(record, os.path.join(output_dir, "world_model.json"))
+    return record

@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Write the world model (issue 13's trained text-to-image pipeline of tav.world, diffusers layout) to OUTPUT_DIR.
+
+By default it copies the shipped weights (tav/assets/world_model/). --retrain reproduces them from scratch with
+tav.world_training (tens of minutes on one CPU core); --assets then also replaces the shipped copy.
+"""
+import argparse
+import logging
+import os
+import shlex
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tav.cli import run_cli  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("output_dir")
+    parser.add_argument("--retrain", action="store_true", help="train the model from its seed instead of copying")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae_steps", type=int, default=None)
+    parser.add_argument("--unet_steps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="MindSpore CPU op threads (--retrain)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    args = parser.parse_args(argv if argv is not None else sys.argv[1:])
+    from tav import world_model
+
+    if not args.retrain:
+        path = world_model.write_world_pipeline(args.output_dir)
+        print(f"wrote the world model to {os.path.abspath(path)}")
+        return 0
+    import mindspore as ms
+
+    from tav import world_training
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    world_training.set_cpu_threads(args.threads)
+    steps = {k: v for k, v in (("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps)) if v is not None}
+    command = "python tools/make_world_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    record = world_training.train_world_model(args.output_dir, seed=args.seed, command=command, **steps)
+    print(record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
