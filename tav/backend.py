@@ -30,7 +30,8 @@ _forced_native = None
 NATIVE_KERNELS_ENV = "TAV_NATIVE_KERNELS"
 
 
-def configure(device_target=None, mode=None, jit_level=None, device_id=None, max_threads=None):
+def configure(device_target=None, mode=None, jit_level=None, device_id=None, max_threads=None,
+              max_device_memory=None):
     """Set MindSpore's device and execution mode. Accepts "CPU"/"GPU"/"Ascend" and 0/1 (graph/pynative).
 
     device_id: the card (None: the DEVICE_ID environment variable, as Ascend/GPU launch scripts set it, else
@@ -38,8 +39,11 @@ def configure(device_target=None, mode=None, jit_level=None, device_id=None, max
     check_jit_level), applied to every graph tav compiles (compile_ahead, jit). Under TAV_EMULATE_ASCEND the
     runtime device is the CPU whatever `device_target` says (see emulated_soc). A device whose MindSpore backend
     cannot load here (no CUDA 11 runtime, no CANN) is refused with MindSpore's own load error
-    (DeviceUnavailableError)."""
+    (DeviceUnavailableError). max_device_memory ("30GB"): MindSpore's memory pool limit on a card.
+    Call it before building models: layers choose their op flavour when they are constructed."""
     kwargs = {}
+    if device_target is None and (device_id is not None or os.environ.get(DEVICE_ID_ENV, "").strip()):
+        device_target = ms.get_context("device_target")  # MindSpore's own default device, on the chosen card
     if device_target is not None:
         target = normalise_device_target(device_target)
         if emulated_soc() is not None:
@@ -62,12 +66,33 @@ def configure(device_target=None, mode=None, jit_level=None, device_id=None, max
     if jit_level is not None:
         global _jit_level
         _jit_level = check_jit_level(jit_level)
+    if max_device_memory is not None and runtime_device_target() != "CPU":
+        # MindSpore's memory pool limit on the card (the planner's budget is the same figure).
+        ms.runtime.set_memory(max_size=str(max_device_memory).upper().replace("GIB", "GB"))
     if max_threads is not None:
         try:
             ms.set_cpu_affinity(False)
         except Exception:  # older MindSpore: no such switch; thread count below still applies
             pass
         os.environ.setdefault("OMP_NUM_THREADS", str(max_threads))
+
+
+def add_device_arguments(parser, device_default_help="MindSpore's default: the device its installed backend provides"):
+    """The device flags both tools take: --device_target (default None: `device_default_help`), --device_id,
+    --jit_level, --max_device_memory. Pass the parsed values to configure() (and max_device_memory to
+    tav.memory_plan.check_run_fits)."""
+    parser.add_argument("--device_target", choices=list(DEVICE_TARGETS), default=None,
+                        help=f"CPU, GPU or Ascend (default: {device_default_help}); under {EMULATE_ENV}=910B|910A "
+                             "tav builds for that Ascend chip while MindSpore runs on the CPU")
+    parser.add_argument("--device_id", type=int, default=None,
+                        help=f"the card to run on (default: ${DEVICE_ID_ENV}, else card 0)")
+    parser.add_argument("--jit_level", choices=["O0", "O1", "O2"], default=None,
+                        help="graph compilation level: O0 (default) or O1 (operator fusion); O2 is refused "
+                             "(deprecated in MindSpore 2.10)")
+    parser.add_argument("--max_device_memory", default=None, metavar="SIZE",
+                        help="e.g. 30GB: refuse, before loading weights, a run predicted not to fit in it "
+                             "(python tools/plan.py shows the prediction)")
+    return parser
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -89,12 +114,14 @@ def check_device_available(target):
     context = MSContext.get_instance()
     if context.is_pkg_support_device(target):
         return
-    detail = context.load_plugin_error().strip()
+    # The load errors of this target's plugin only (the record lists every plugin that failed).
+    lines = [line.strip() for line in context.load_plugin_error().splitlines() if target.lower() in line.lower()]
+    detail = " | ".join(lines) if lines else f"no {target} plugin was loaded by this MindSpore installation"
     needs = (GPU_RUNTIME_NOTE if target == "GPU" else
              "the CANN toolkit matching MindSpore 2.10 (CANN 8.x; source its set_env.sh) and an Ascend driver")
     raise DeviceUnavailableError(
         f"device_target {target}: MindSpore's {target} backend could not load on this machine ({needs})."
-        + (f" MindSpore reported: {detail}" if detail else ""))
+        + f" MindSpore reported: {detail}")
 
 
 # MindSpore 2.10's wheel: its GPU plugin is built for CUDA 11 (it loads libcudart.so.11.0, cuDNN 8, cuBLAS 11).

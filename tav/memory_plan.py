@@ -380,7 +380,7 @@ def check_fits(model, task, frames, height, width, dtype, device_target, max_dev
     predicted not to fit in `max_device_memory_gib` (default: the device's memory). Returns the plan."""
     target = device_target
     if target == "Ascend":
-        dev = parse_device(soc or "Ascend910B")
+        dev = parse_device(soc if soc in ASCEND_MEMORY_GIB else "Ascend910B" if backend_has_flash(soc) else "Ascend910A")
     elif target == "GPU":
         dev = parse_device("GPU:80GB")
     else:
@@ -398,6 +398,12 @@ def check_fits(model, task, frames, height, width, dtype, device_target, max_dev
     return plan
 
 
+def backend_has_flash(soc):
+    from tav import backend
+
+    return soc is None or backend.soc_has_flash_attention(soc)
+
+
 def parse_memory_gib(text):
     """"32GB", "30GiB", "64" -> GiB as a float (MindSpore's max_device_memory spelling)."""
     value = str(text).strip().upper().replace("GIB", "").replace("GB", "").replace("G", "")
@@ -408,3 +414,23 @@ def parse_memory_gib(text):
     if gib <= 0 or not math.isfinite(gib):
         raise PlanError(f"max_device_memory must be positive, got {text!r}")
     return gib
+
+
+def check_run_fits(model_path, task, frames, height, width, dtype="fp32", max_device_memory=None,
+                   gradient_checkpointing=False):
+    """What tools/train.py and tools/sample.py call before loading weights: on the device tav is configured for
+    (tav.backend; the Ascend chip from its SoC), refuse with PlanError, naming the frame count that would fit, a run
+    predicted not to fit in `max_device_memory` ("30GB"; default the device's memory). On the CPU it checks only
+    when max_device_memory is given (the host can swap). A model folder without unet/config.json is not checked."""
+    from tav import backend
+
+    target = backend.device_target()
+    if target == "CPU" and max_device_memory is None:
+        return None
+    try:
+        load_model_shape(model_path)
+    except PlanError:
+        return None
+    budget = parse_memory_gib(max_device_memory) if max_device_memory is not None else None
+    return check_fits(model_path, task, frames, height, width, dtype if dtype in BYTES else "fp32", target, budget,
+                      gradient_checkpointing, soc=backend.ascend_soc())

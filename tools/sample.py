@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--format", action="append", dest="fmt", choices=WRITE_FORMATS,
                    help="output format (repeatable; default gif; png = one file per frame)")
     p.add_argument("--fps", type=int)
-    p.add_argument("--device_target", default="CPU", choices=["CPU", "GPU", "Ascend"])
+    backend.add_device_arguments(p)  # --device_target (default: MindSpore's), --device_id, --jit_level, ...
     p.add_argument("--mode", type=int, default=0, choices=[0, 1], help="0 graph (default), 1 pynative")
     p.add_argument("--attention", choices=ATTENTION_BACKENDS)
     p.add_argument("--dtype", choices=["fp32", "fp16"])
@@ -87,10 +87,14 @@ def build_request(args):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    backend.configure(device_target=args.device_target, mode=args.mode)
+    backend.configure(device_target=args.device_target, mode=args.mode, jit_level=args.jit_level,
+                      device_id=args.device_id, max_device_memory=args.max_device_memory)
     from tav import generate
+    from tav.memory_plan import check_run_fits
 
     request = build_request(args)
+    check_run_fits(request.pretrained_model_path, "sample", request.window or request.video_length, request.height,
+                   request.width, request.dtype, args.max_device_memory)  # before any weight is loaded
     written = generate.run_sampling(request)
     print(f"wrote {len(written)} file(s) to {os.path.abspath(request.output_dir)}:")
     for path in written:

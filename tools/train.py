@@ -28,10 +28,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="training YAML (the official Tune-A-Video format)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.add_argument("--device_target", choices=["Ascend", "CPU", "GPU"], help="overrides the config's device_target")
     p.add_argument("--mode", type=int, choices=[0, 1], help="0 graph (default), 1 pynative (the train step then runs "
                                                              "op by op, several times slower)")
-    p.add_argument("--jit_level", choices=["O0", "O1", "O2"])
+    from tav import backend
+
+    # --device_target (overrides the config's; default the config's, else MindSpore's), --device_id, --jit_level
+    # (overrides the config's), --max_device_memory.
+    backend.add_device_arguments(p, "the config's device_target, else MindSpore's default device")
     p.add_argument("--resume_from_checkpoint", metavar="latest|PATH",
                    help="continue from the newest checkpoint-N in output_dir (latest) or from a checkpoint folder")
     p.add_argument("--overwrite_output_dir", action="store_true",
@@ -85,9 +88,16 @@ def main(argv=None):
     from tav.training import train
 
     config = load_train_config(args.config, command_line_overrides(args))
-    backend.configure(device_target=config.device_target, mode=config.mode, jit_level=config.jit_level)
+    backend.configure(device_target=config.device_target, mode=config.mode, jit_level=config.jit_level,
+                      device_id=args.device_id, max_device_memory=args.max_device_memory)
     setup_console_logging()
     ensure_demo_assets(config)
+    from tav.memory_plan import check_run_fits
+
+    data = config.train_data  # refused before any weight is loaded when predicted not to fit
+    check_run_fits(config.pretrained_model_path, "train", data.n_sample_frames, data.height, data.width,
+                   "fp16" if config.mixed_precision == "fp16" else "fp32", args.max_device_memory,
+                   config.gradient_checkpointing)
     train(config)
 
 
