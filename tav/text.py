@@ -19,10 +19,11 @@ import sys
 import warnings
 
 import mindspore as ms
-from mindspore import ops
+from mindspore import nn, ops
 
 from tav.checkpoint import (CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, component_folder,
                             read_state_dict)
+from tav.nn import gelu
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +121,22 @@ def load_text_encoder(path, dtype=ms.float32):
             for kind, names in problems.items()
         )
         raise CheckpointMismatchError(f"{weights_path!r} does not match the model of {config_path!r}: {details}")
+    if getattr(model.config, "hidden_act", None) == "gelu":
+        _use_exact_gelu(model)
     model.set_train(False)
     return model
+
+
+class _ExactGELU(nn.Cell):
+    def construct(self, x):
+        return gelu(x)
+
+
+def _use_exact_gelu(model):
+    """SD 2.x's OpenCLIP text tower uses exact GELU, which mindone runs as the GeluExt op: MindSpore 2.10 has no
+    CPU kernel for it. tav.nn.gelu is the same function (erf form) in ops every device has."""
+    for layer in model.text_model.encoder.layers:
+        layer.mlp.activation_fn = _ExactGELU()
 
 
 def _checkpoint_name(mindone_name):

@@ -145,6 +145,24 @@ def test_text_encoder_matches_transformers_pytorch(ms_mode, pipeline_dir, tokeni
 
 
 @pytest.mark.parity
+def test_exact_gelu_text_encoder_runs_on_cpu_and_matches_transformers(ms_mode, tmp_path, tokenizer):
+    """SD 2.x's OpenCLIP text tower uses hidden_act "gelu", which mindone runs as an op with no CPU kernel."""
+    torch = pytest.importorskip("torch", reason="parity extra not installed")
+    from transformers import CLIPTextModel
+
+    write_tiny_text_encoder(tmp_path / "text_encoder", vocab_size=TINY_VOCAB_SIZE)
+    config_path = tmp_path / "text_encoder" / "config.json"
+    config_path.write_text(config_path.read_text().replace('"quick_gelu"', '"gelu"'))
+    reference = CLIPTextModel.from_pretrained(tmp_path / "text_encoder", local_files_only=True).eval()
+    assert reference.config.hidden_act == "gelu"
+    ids = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = reference(ids)[0].numpy()
+    got = encode(tokenizer, load_text_encoder(tmp_path), PROMPTS)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parity
 def test_bin_only_text_encoder_loads_without_torch_and_matches_safetensors(
     tmp_path, monkeypatch, tokenizer, text_encoder
 ):
