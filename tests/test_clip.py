@@ -74,16 +74,20 @@ def test_padded_text_pools_the_same_token(tmp_path, pynative):
 
 
 @pytest.mark.parity
-def test_graph_mode_gives_the_same_image_features(tmp_path, graph_mode):
+def test_graph_mode_gives_the_same_features(tmp_path, graph_mode):
     import torch
 
     folder = write_clip_folder(tmp_path / "clip")
     ref_model, ref_processor = torch_clip(folder)
-    pixels = ref_processor(images=list(synthetic_frames(2)), return_tensors="pt").pixel_values
+    inputs = ref_processor(text=PROMPTS[:1], images=list(synthetic_frames(2)), return_tensors="pt")
     with torch.no_grad():
-        expected = ref_model.get_image_features(pixels).numpy()
-    got = load_clip_model(folder).get_image_features(pixels.numpy()).asnumpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+        expected_image = ref_model.get_image_features(inputs["pixel_values"]).numpy()
+        expected_text = ref_model.get_text_features(inputs["input_ids"]).numpy()
+    model = load_clip_model(folder)
+    np.testing.assert_allclose(model.get_image_features(inputs["pixel_values"].numpy()).asnumpy(), expected_image,
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(model.get_text_features(inputs["input_ids"].numpy()).asnumpy(), expected_text,
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_config_dicts_win_over_config_sections_as_in_transformers():

@@ -274,12 +274,16 @@ class ClipModel(nn.Cell):
     def text_features(self, input_ids, position_ids, causal_mask, pooled_rows):
         return self.text_projection(self.text_model(input_ids, position_ids, causal_mask, pooled_rows))
 
-    def construct(self, pixel_values):
-        return self.image_features(pixel_values)
+    def construct(self, pixel_values=None, input_ids=None, position_ids=None, causal_mask=None, pooled_rows=None):
+        """One tower per call: image features of `pixel_values`, or text features when `input_ids` is given. In
+        GRAPH_MODE the None inputs are constants, so each tower compiles to its own graph."""
+        if input_ids is None:
+            return self.image_features(pixel_values)
+        return self.text_features(input_ids, position_ids, causal_mask, pooled_rows)
 
     def get_image_features(self, pixel_values):
         """numpy or Tensor (B, 3, S, S) -> Tensor (B, projection_dim), as transformers' get_image_features."""
-        return self.image_features(ms.Tensor(np.asarray(pixel_values, np.float32)))
+        return self(ms.Tensor(np.asarray(pixel_values, np.float32)))
 
     def get_text_features(self, input_ids):
         """(B, N) token ids (each row holding its end-of-text token; padding after it does not change the result,
@@ -292,7 +296,8 @@ class ClipModel(nn.Cell):
             raise ValueError(
                 f"{n} tokens exceed the text model's {self.config.text.max_position_embeddings} positions"
             )
-        return self.text_features(
+        return self(
+            None,
             ms.Tensor(ids.astype(np.int32)),
             ms.Tensor(np.arange(n, dtype=np.int32)[None]),
             ms.Tensor(causal_mask(n)),
