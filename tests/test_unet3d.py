@@ -11,7 +11,7 @@ import mindspore as ms
 from tav import checkpoint
 from tav.models import UNet3DConditionModel, UNet3DConfig
 from tav.models.attention import BasicTransformerBlock, SparseCausalAttention, sparse_causal_context
-from tav.nn import GroupNorm
+from tav.nn import GroupNorm, LayerNorm
 from tests.conftest import import_parity_extra
 from tests.unet_fixtures import TINY_UNET2D_CONFIGS, write_diffusers_unet2d
 
@@ -408,11 +408,15 @@ def test_unsupported_config_values_name_the_field(field, value):
         UNet3DConfig.from_dict(cfg)
 
 
-def test_inflating_in_fp16_casts_the_new_temporal_layers_too(tmp_path, pynative):
+def test_inflating_in_fp16_casts_the_new_temporal_layers_too_and_keeps_norms_fp32(tmp_path, pynative):
     import_parity_extra()
     write_diffusers_unet2d(tmp_path / "unet", "sd1")
     half = UNet3DConditionModel.from_pretrained_2d(str(tmp_path / "unet"), dtype=ms.float16)
-    assert {p.dtype for p in half.get_parameters()} == {ms.float16}
+    norm_params = {id(p) for _, cell in half.cells_and_names() if isinstance(cell, (GroupNorm, LayerNorm))
+                   for p in cell.get_parameters(expand=False)}
+    # Issue 12 defect 4: norm parameters stay fp32 (their statistics are fp32), everything else is fp16.
+    assert norm_params and {p.dtype for p in half.get_parameters() if id(p) in norm_params} == {ms.float32}
+    assert {p.dtype for p in half.get_parameters() if id(p) not in norm_params} == {ms.float16}
     sample = ms.Tensor(RNG.standard_normal((1, 4, 2, 8, 8)), ms.float16)
     context = ms.Tensor(RNG.standard_normal((1, 7, 16)), ms.float16)
     assert half(sample, 400, context).dtype == ms.float16
