@@ -20,8 +20,11 @@ measurement:
                      in training the probabilities autodiff keeps for math layers
     runtime          a fixed reserve: the device runtime's own workspace (Ascend/GPU), the MindSpore process (CPU)
 
-Coefficients (tensors alive per position) were fitted to measured peak RSS on CPU (bench/plan_vs_measured.py)
-and to the published figures quoted in the README; the result is a prediction, labelled as such everywhere.
+The coefficients (tensors alive per position, TRANSFORMER_* / RESNET_*, and the reserves) are estimates checked
+against measured peak RSS on the CPU (bench/plan_vs_measured.py; bench/README.md's `small` rows) and against the
+published figures quoted in docs/ascend.md, which only bound them from above; the result is a prediction, labelled
+as such everywhere. Not modelled: MindSpore's memory-pool fragmentation on a card, graph-compile workspace, and the
+VAE's per-frame decode (small beside the UNet at SD sizes).
 """
 import json
 import math
@@ -52,7 +55,7 @@ RUNTIME_RESERVE_GIB = {"Ascend": 2.0, "GPU": 1.0, "CPU": 0.75}
 ASCEND_MEMORY_GIB = {"Ascend910B": 64.0, "Ascend910A": 32.0}
 
 # Tensors (of the block's channel width, per position) alive at the peak of one transformer block's forward,
-# and saved for its backward; the same for a resnet. Fitted (see the module docstring).
+# and saved for its backward; the same for a resnet. Estimates (see the module docstring).
 TRANSFORMER_WORKING = 14
 TRANSFORMER_SAVED = 34
 RESNET_WORKING = 5
