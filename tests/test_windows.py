@@ -22,8 +22,8 @@ def _rand(seed, shape):
 
 
 class SparseCausalToy(nn.Cell):
-    """A denoiser whose frame f sees only frame 0 and frame max(f-1, 0), through sparse_causal_frame_table: the
-    part of the UNet the windows' anchor layout must reproduce exactly."""
+    """A one-layer denoiser whose frame f sees only frame 0 and frame max(f-1, 0), through
+    sparse_causal_frame_table: what the windows' anchor layout reproduces exactly (one layer deep)."""
 
     def construct(self, sample, timestep, encoder_hidden_states):
         table = sparse_causal_frame_table(sample.shape[2])
