@@ -232,11 +232,10 @@ def build_unet(seed):
     return unet, weights
 
 
-def train_unet(bank, embeddings, scaling_factor, steps, batch_size=32, lr=1e-3, seed=0, log_every=10):
-    from tav.schedulers import DDIMScheduler, SD_V1_SCHEDULE
-
+def train_unet(bank, embeddings, scaling_factor, alphas_cumprod, steps, batch_size=32, lr=1e-3, seed=0,
+               log_every=10):
     means, stds, labels = bank
-    alphas = DDIMScheduler(dict(SD_V1_SCHEDULE)).alphas_cumprod.astype(np.float64)
+    alphas = np.asarray(alphas_cumprod, np.float64)
     unet, weights = build_unet(seed)
     step_fn = GradStep(UNetLoss(unet), weights)
     optimizer = _optimizer(weights, steps, lr, warmup=min(200, steps // 10 + 1))
@@ -288,23 +287,28 @@ def save_unet_2d(unet, folder):
 
 
 def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_size=20000, command=None,
-                      vae_batch=16, unet_batch=32):
-    """Write a trained world pipeline folder into `output_dir` (see the module docstring); returns its record."""
+                      vae_batch=16, unet_batch=32, vae_from=None):
+    """Write a trained world pipeline folder into `output_dir` (see the module docstring); returns its record.
+    `vae_from`: a VAE folder this function wrote before (same seed and steps), reused instead of stage 1."""
     from tav.models.vae import AutoencoderKL
+    from tav.schedulers import DDIMScheduler
 
     started = time.time()
     os.makedirs(output_dir, exist_ok=True)
     write_text_parts(output_dir, seed)
     embeddings = caption_embeddings(output_dir)
+    alphas_cumprod = DDIMScheduler.from_config(os.path.join(output_dir, "scheduler")).alphas_cumprod
 
-    vae = train_vae(vae_steps, batch_size=vae_batch, seed=seed)
+    vae = AutoencoderKL.from_pretrained(vae_from) if vae_from else train_vae(vae_steps, batch_size=vae_batch,
+                                                                              seed=seed)
     vae_seconds = time.time() - started
     bank = encode_bank(vae, bank_size, seed + 2)
     scaling_factor = 1.0 / float(np.sqrt((bank[0] ** 2).mean() + (bank[1] ** 2).mean()))
     save_vae(vae, os.path.join(output_dir, "vae"), scaling_factor)
     logger.info(f"vae trained in {vae_seconds:.0f}s; scaling_factor {scaling_factor:.4f}")
 
-    unet = train_unet(bank, embeddings, scaling_factor, unet_steps, batch_size=unet_batch, seed=seed)
+    unet = train_unet(bank, embeddings, scaling_factor, alphas_cumprod, unet_steps, batch_size=unet_batch,
+                      seed=seed)
     save_unet_2d(unet, os.path.join(output_dir, "unet"))
     record = {
         "seed": seed,
@@ -314,6 +318,7 @@ def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_
         "unet_steps": unet_steps,
         "unet_batch_size": unet_batch,
         "bank_size": bank_size,
+        "vae_reused_from": vae_from,
         "scaling_factor": scaling_factor,
         "train_seconds": round(time.time() - started, 1),
     }

@@ -25,6 +25,7 @@ def main(argv=None):
     parser.add_argument("--vae_batch", type=int, default=None)
     parser.add_argument("--unet_batch", type=int, default=None)
     parser.add_argument("--bank_size", type=int, default=None)
+    parser.add_argument("--vae_from", default=None, help="reuse a VAE folder an earlier --retrain wrote")
     parser.add_argument("--threads", type=int, default=1, help="MindSpore CPU op threads (--retrain)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv if argv is not None else sys.argv[1:])
@@ -41,9 +42,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     ms.set_context(mode=ms.GRAPH_MODE)
     world_training.set_cpu_threads(args.threads)
-    steps = {k: v for k, v in (("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps),
-                                                ("vae_batch", args.vae_batch), ("unet_batch", args.unet_batch),
-                                                ("bank_size", args.bank_size)) if v is not None}
+    names = ("vae_steps", "unet_steps", "vae_batch", "unet_batch", "bank_size", "vae_from")
+    steps = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     command = "python tools/make_world_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     record = world_training.train_world_model(args.output_dir, seed=args.seed, command=command, **steps)
     print(record)
