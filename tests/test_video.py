@@ -19,11 +19,11 @@ from tav.video import (VideoError, check_writable_dir, frames_to_pixel_values, l
 
 
 def real_clip(name):
-    """One of the official clips (beside the repository, never in it); the tests using them check decoding against
-    real footage and skip without it. Every other test here runs on generated clips."""
+    """One of the official clips (beside the repository, never in it). The tests using them check decoding against
+    real footage and ask for the `shared_data` fixture, so they are deselected where the clips are absent; every
+    other test here runs on generated clips."""
     path = SHARED_DATA / name
-    if not path.is_file():
-        pytest.skip(f"{path} not found: the official source clips are expected in {SHARED_DATA}")
+    assert path.is_file(), f"{path} is missing from the official clips in {SHARED_DATA}"
     return path
 
 
@@ -46,7 +46,7 @@ def decode_with_cv2(path, n_frames):
 
 
 @pytest.fixture(scope="module")
-def skiing_official():
+def skiing_official(shared_data):
     cfg = official_train_data("man-skiing")
     assert (cfg.n_sample_frames, cfg.sample_start_idx, cfg.sample_frame_rate) == (24, 0, 2)
     return read_video_frames(real_clip("man-skiing.mp4"), cfg.n_sample_frames, cfg.sample_start_idx,
@@ -54,7 +54,7 @@ def skiing_official():
 
 
 @pytest.fixture(scope="module")
-def skiing_consecutive():
+def skiing_consecutive(shared_data):
     return read_video_frames(real_clip("man-skiing.mp4"), 47, 0, 1, 512, 512)
 
 
@@ -99,7 +99,7 @@ def test_default_backend_is_decords_ffmpeg_graph_with_bilinear_scaling(skiing_of
     assert not np.array_equal(bicubic[0], skiing_official[0])
 
 
-def test_man_surfing_official_config_is_the_first_24_frames():
+def test_man_surfing_official_config_is_the_first_24_frames(shared_data):
     cfg = official_train_data("man-surfing")
     assert (cfg.n_sample_frames, cfg.sample_frame_rate) == (24, 1)
     path = real_clip("man-surfing.mp4")
