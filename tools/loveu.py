@@ -52,10 +52,14 @@ def set_up_ranks(args):
 
 
 def barrier(world_size):
+    """Return once every rank has called it. An all-reduce, whose result needs every rank's input:
+    mindspore.mint.distributed.barrier returns at once on CPU (MindSpore 2.10), before the other ranks arrive."""
     if world_size > 1:
-        from mindspore.mint.distributed import barrier as all_ranks_arrive
+        import mindspore as ms
 
-        all_ranks_arrive()
+        arrived = int(ms.ops.AllReduce()(ms.Tensor([1.0], ms.float32)).asnumpy()[0])
+        if arrived != world_size:
+            raise RuntimeError(f"barrier: {arrived} of {world_size} ranks arrived")
 
 
 def parse_args(argv=None):
