@@ -2,7 +2,7 @@
 import numpy as np
 
 from tav.tiny import TINY_VOCAB_SIZE, write_tiny_tokenizer
-from tests.conftest import import_parity_extra
+from tests.helpers import import_parity_extra
 
 # Two shapes: OpenAI CLIP's (quick_gelu, the legacy eos_token_id 2 of its published config) and the laion /
 # PickScore ViT-H one (gelu, the real <|endoftext|> id).

@@ -5,7 +5,7 @@ import pytest
 from tav.clip import Clip, ClipImageProcessor, load_clip_model
 from tav.checkpoint import CheckpointMismatchError
 from tests.clip_fixtures import synthetic_frames, write_clip_folder
-from tests.conftest import import_parity_extra
+from tests.helpers import import_parity_extra
 
 PROMPTS = ["a red square moving over a sunset", "a cat, in the style of van gogh"]
 
@@ -115,6 +115,7 @@ def test_config_dicts_are_read_as_transformers_reads_them():
             assert getattr(section, field) == getattr(ref_section, field), field
 
 
+@pytest.mark.parity
 def test_a_checkpoint_of_another_shape_is_refused(tmp_path):
     import json
 

@@ -10,7 +10,7 @@ import pytest
 from tav import evaluation
 from tav.evaluation import Scorers, evaluate_video, frame_consistency, read_frames
 from tests.clip_fixtures import synthetic_frames, write_clip_folder, write_jpg_folder
-from tests.conftest import REPO_ROOT, import_parity_extra
+from tests.helpers import REPO_ROOT, import_parity_extra
 
 PROMPT = "a red square moving over a sunset"
 

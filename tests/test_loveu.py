@@ -13,7 +13,7 @@ import pytest
 from tav import loveu, tiny
 from tav.evaluation import Scorers
 from tests.clip_fixtures import synthetic_frames, write_clip_folder, write_jpg_folder
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 CSV_VIDEOS = [("DAVIS_480p", "blackswan"), ("DAVIS_480p", "car-turn"), ("youtube_480p", "cat-in-the-sun")]
 VIDEOS = [CSV_VIDEOS[0], CSV_VIDEOS[2]]  # the runs: two videos, two subsets
