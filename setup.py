@@ -20,6 +20,7 @@ setup(
         "imageio-ffmpeg",
         "safetensors",
         "tqdm",
+        "Pillow>=9.1",
     ],
     extras_require={"parity": ["torch==2.13.0", "diffusers==0.35.2"], "test": ["pytest"]},
 )
