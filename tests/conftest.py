@@ -3,8 +3,7 @@ import pytest
 
 import mindspore as ms
 
-# Test files of other modules still import these from here; new code imports them from tests.helpers.
-from tests.helpers import REPO_ROOT, SHARED_DATA, import_parity_extra, in_mode  # noqa: F401
+from tests.helpers import SHARED_DATA, in_mode
 
 ms.set_device("CPU")
 

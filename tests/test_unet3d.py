@@ -12,7 +12,7 @@ from tav import checkpoint
 from tav.models import UNet3DConditionModel, UNet3DConfig
 from tav.models.attention import BasicTransformerBlock, SparseCausalAttention, sparse_causal_context
 from tav.nn import GroupNorm, LayerNorm
-from tests.conftest import import_parity_extra
+from tests.helpers import import_parity_extra
 from tests.unet_fixtures import TINY_UNET2D_CONFIGS, write_diffusers_unet2d
 
 RNG = np.random.default_rng(0)

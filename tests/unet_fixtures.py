@@ -1,7 +1,7 @@
 """Tiny 2-D Stable Diffusion UNets written by diffusers (the PyTorch original) for parity and loading tests."""
 import numpy as np
 
-from tests.conftest import import_parity_extra
+from tests.helpers import import_parity_extra
 
 # Two shapes: SD 1.x style (conv projections, one head count) and SD 2.x style (linear projections, a head
 # count per block, upcast attention), both small enough for CPU.
