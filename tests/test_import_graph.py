@@ -100,3 +100,45 @@ def test_the_pipeline_does_not_import_training():
             reachable.add(target)
             todo.append(target)
     assert not {name for name in reachable if name.startswith(("tav.training", "tav.train_"))}
+
+
+# The layers of docs/architecture.md, lowest first: a module may import its own layer and the layers below, never
+# one above. Prefixes match a module and its submodules; every tav module must fall in exactly one layer.
+LAYERS = (
+    ("foundations", ("tav.backend", "tav.checks", "tav.cli", "tav.noise", "tav.checkpoint", "tav.windows",
+                     "tav.world")),
+    ("kernels and portable layers", ("tav.kernels", "tav.nn")),
+    ("models and their parts", ("tav.models", "tav.schedulers", "tav.text", "tav.video", "tav.config",
+                                "tav.ldm_checkpoint", "tav.lora", "tav.clip", "tav.memory_plan", "tav.tiny")),
+    ("inversion and sampling", ("tav.inversion", "tav.sampling")),
+    ("the delta format", ("tav.delta",)),
+    ("the pipeline and scoring", ("tav.pipeline", "tav.evaluation")),
+    ("training and the sampling job", ("tav.optim", "tav.train_step", "tav.train_state", "tav.training",
+                                       "tav.generate")),
+    ("jobs built on both", ("tav.demo", "tav.loveu", "tav.world_demo", "tav.world_training", "tav.world_model")),
+)
+
+
+def layer_of(module):
+    matches = [index for index, (_, prefixes) in enumerate(LAYERS)
+               for prefix in prefixes if module == prefix or module.startswith(prefix + ".")]
+    assert len(matches) == 1, f"{module} is in {len(matches)} layers of LAYERS; place it in exactly one"
+    return matches[0]
+
+
+def test_every_module_has_a_layer():
+    for module in import_graph():
+        if module != "tav":
+            layer_of(module)
+
+
+def test_imports_point_down_the_layers():
+    upward = [f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+              for module, targets in import_graph().items() if module != "tav"
+              for target in sorted(targets) if target != "tav" and layer_of(target) > layer_of(module)]
+    assert not upward, "imports against the layers:\n" + "\n".join(upward)
+
+
+def test_an_upward_import_would_be_found():
+    assert layer_of("tav.pipeline") > layer_of("tav.delta") > layer_of("tav.sampling") > layer_of("tav.models.vae")
+    assert layer_of("tav.training") > layer_of("tav.pipeline")
