@@ -78,7 +78,7 @@ class SampleRequest:
     cache_dir: Optional[str] = None
     progress: bool = True
     check_base: bool = True  # False: apply a delta even when the base weights' fingerprint differs
-    window: Optional[int] = None  # frames per UNet window (docs/long-videos.md); None: one pass over all frames
+    window: Optional[int] = None  # frames per UNet call (docs/long-videos.md); None: one pass over all frames
     window_overlap: Optional[int] = None  # frames shared by neighbouring windows; default window // 3
 
     def check_options(self):
@@ -102,12 +102,14 @@ class SampleRequest:
         return self
 
     def window_spec(self):
-        """The WindowSpec of --window/--window_overlap (overlap window // 3 unless given), or None."""
+        """The WindowSpec of --window/--window_overlap (overlap window // 3, at most window - 3, unless given)."""
         if self.window is None:
             if self.window_overlap is not None:
                 raise PipelineError(f"--window_overlap {self.window_overlap!r} needs --window (frames per window)")
             return None
-        overlap = self.window // 3 if self.window_overlap is None and is_int(self.window) else self.window_overlap
+        overlap = self.window_overlap
+        if overlap is None and is_int(self.window):
+            overlap = max(0, min(self.window // 3, self.window - 3))
         try:
             check_window(self.window, overlap, "--window", "--window_overlap")
         except WindowError as exc:

@@ -2,22 +2,25 @@
 overlapping predictions are fused into one prediction for the whole video (Gen-L-Video's co-denoising, with
 Tune-A-Video's sparse-causal anchor kept).
 
-    windows: starts 0, S, 2S, ... (stride S = size - overlap), the last one moved back to end on the last frame
-    window at s feeds the UNet the frames [0, s-1, s, ..., s+size-1] (just [0..size-1] or [0..size] for s <= 1)
+    a window is `size` frames per UNet call: [0, s-1, s, ..., s+size-3] for s >= 2 (its own frames s..s+size-3,
+    frames 0 and s-1 as context), [0, ..., size-1] for the first window (all its own)
+    windows follow each other so that neighbours share `overlap` own frames; the last is moved back to end on the
+    last frame
     eps[f] = sum_k w_k(f) eps_k[f] / sum_k w_k(f)        over the windows k that own frame f
 
-The window's own frames are s..s+size-1; video frame 0 and frame s-1 come along as context so that every own
-frame's sparse-causal attention sees the keys of the *video's* first frame and of its own previous frame, as a
-single pass over all frames would. In that layout the table "local index of video frame 0, local index of the
-previous video frame" is exactly sparse_causal_frame_table(len(frames)) (see window_frame_table), so the UNet runs
-with its default frame policy and needs no per-window policy (and no recompilation). The two context frames'
-predictions are dropped. What differs from one pass: the temporal attention (attn_temp) of a window sees its own
-frames plus frames 0 and s-1 instead of all frames (the model has no attention mask to hide them, and seeing them
-is closer to the single pass than hiding them), and frame s-1, as context, attends to frame 0 only.
+Every UNet call has the same `size` frames, so the model compiles once and its activations are those of a
+`size`-frame video. Video frame 0 and frame s-1 come along so that every own frame's sparse-causal attention sees
+the keys of the *video's* first frame and of its own previous frame, as a single pass over all frames would. In
+that layout the table "local index of video frame 0, local index of the previous video frame" is exactly
+sparse_causal_frame_table(size) (see window_frame_table), so the UNet runs with its default frame policy and needs
+no per-window policy. The two context frames' predictions are dropped. What differs from one pass: the temporal
+attention (attn_temp) of a window sees its frames plus frames 0 and s-1 instead of all frames (the model has no
+attention mask to hide them, and seeing them is closer to the single pass than hiding them), and frame s-1, as
+context, attends to frame 0 only, so after the first block its hidden state lacks its own history.
 
-The fusion weight of a window's frame is 1 inside the window and ramps linearly down across the overlap at either
-edge (j+1)/(overlap+1), so a frame owned by two windows fades from one to the other; normalising per frame makes
-the weights of a frame sum to 1, and a frame owned by one window takes that window's prediction unchanged.
+The fusion weight of a window's own frame is 1 inside and ramps linearly down across the overlap at either edge,
+(j+1)/(overlap+1), so a frame owned by two windows fades from one to the other; normalising per frame makes the
+weights of a frame sum to 1, and a frame owned by one window takes that window's prediction unchanged.
 """
 from dataclasses import dataclass
 
@@ -32,29 +35,28 @@ class WindowError(ValueError):
 
 
 def check_window(size, overlap, size_name="window", overlap_name="window_overlap"):
-    """size an integer >= 2 and overlap an integer with 0 <= overlap < size; the error names the options."""
+    """size an integer >= 3 and 0 <= overlap <= size - 3 (a window after the first owns size - 2 frames, the two
+    anchor frames aside, and must move on by at least one); the error names the options."""
     def is_integer(value):
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
-    if not is_integer(size) or size < 2:
-        raise WindowError(f"{size_name} must be an integer >= 2 (frames per window), got {size!r}")
-    if not is_integer(overlap) or not 0 <= overlap < size:
-        raise WindowError(f"{overlap_name} must be an integer with 0 <= {overlap_name} < {size_name} "
-                          f"(= {size}), got {overlap!r}")
+    if not is_integer(size) or size < 3:
+        raise WindowError(f"{size_name} must be an integer >= 3 (frames per UNet call, two of them the anchor frames "
+                          f"0 and s-1), got {size!r}")
+    if not is_integer(overlap) or not 0 <= overlap <= size - 3:
+        raise WindowError(f"{overlap_name} must be an integer with 0 <= {overlap_name} <= {size_name} - 3 "
+                          f"(= {size - 3}), got {overlap!r}")
 
 
 @dataclass(frozen=True)
 class WindowSpec:
-    """Windows of `size` frames that overlap their neighbour by at least `overlap` frames."""
+    """Windows of `size` frames per UNet call whose own frames overlap their neighbour's by `overlap` frames
+    (the last window by at least that)."""
     size: int
     overlap: int = 0
 
     def __post_init__(self):
         check_window(self.size, self.overlap)
-
-    @property
-    def stride(self):
-        return self.size - self.overlap
 
 
 def as_window(window):
@@ -66,26 +68,33 @@ def as_window(window):
     return WindowSpec(window)
 
 
+def own_frames(start, size):
+    """How many frames the window at `start` owns: all `size` for the first, size - 2 after (two are context)."""
+    return size - min(start, 2)
+
+
 def window_starts(video_length, window):
-    """First frames of the windows that cover `video_length` frames: 0, stride, 2 stride, ... and, when those stop
-    short of the end, one window aligned to end on the last frame. One window [0] when size >= video_length."""
+    """First own frames of the windows that cover `video_length` frames: 0, then each window starting `overlap`
+    frames before its predecessor's own frames end, the last moved back to end on the last frame. One window [0]
+    when size >= video_length."""
     window = as_window(window)
     if window.size >= video_length:
         return [0]
-    last = video_length - window.size
-    starts = list(range(0, last + 1, window.stride))
-    if starts[-1] != last:
-        starts.append(last)
+    starts = [0]
+    while starts[-1] + own_frames(starts[-1], window.size) < video_length:
+        starts.append(starts[-1] + own_frames(starts[-1], window.size) - window.overlap)
+    if starts[-1] + own_frames(starts[-1], window.size) > video_length:
+        starts[-1] = video_length - own_frames(2, window.size)  # > the previous start: it ended short of the end
     return starts
 
 
 def window_frames(start, size, video_length):
-    """(frames fed to the UNet, number of leading context frames) for the window at `start`: [0, s-1, s..s+size-1],
-    deduplicated when s <= 1, and cut at the video's end (a window longer than the video is the video)."""
-    end = min(start + size, video_length)
+    """(frames fed to the UNet, number of leading context frames) for the window at `start`: [0, s-1, s, ...,
+    s+size-3] (context 2) for s >= 2, [0, ..., size-1] for s <= 1 (context s), cut at the video's end (a window
+    longer than the video is the video)."""
     if start <= 1:
-        return list(range(0, end)), start
-    return [0] + list(range(start - 1, end)), 2
+        return list(range(0, min(size, video_length))), start
+    return [0] + list(range(start - 1, min(start + size - 2, video_length))), 2
 
 
 def window_frame_table(frames):
@@ -110,17 +119,16 @@ def fusion_weights(size, overlap):
 
 
 def normalised_weights(video_length, window):
-    """[(start, weights (n,)) per window]: each window's fusion weights over its own frames (n = size, fewer only
-    when the window is the whole shorter video), divided per frame by the sum over the windows owning that frame,
-    so every frame's weights sum to 1 (exactly 1.0 for a frame owned by a single window)."""
+    """[(start, weights (n,)) per window]: each window's fusion weights over its own n frames, divided per frame by
+    the sum over the windows owning that frame, so every frame's weights sum to 1 (exactly 1.0 for a frame owned
+    by a single window)."""
     window = as_window(window)
     starts = window_starts(video_length, window)
-    base = fusion_weights(window.size, window.overlap)
-    lengths = [min(window.size, video_length - s) for s in starts]
+    lengths = [min(own_frames(s, window.size), video_length - s) for s in starts]
     total = np.zeros(video_length, np.float32)
     for s, n in zip(starts, lengths):
-        total[s:s + n] += base[:n]
-    return [(s, base[:n] / total[s:s + n]) for s, n in zip(starts, lengths)]
+        total[s:s + n] += fusion_weights(n, window.overlap)
+    return [(s, fusion_weights(n, window.overlap) / total[s:s + n]) for s, n in zip(starts, lengths)]
 
 
 def windowed_prediction(predict, sample, window):
@@ -136,8 +144,8 @@ def windowed_prediction(predict, sample, window):
     fused, dtype = None, None
     for start, weights in plan:
         frames, context = window_frames(start, window.size, video_length)
-        if context == 2:  # frames 0 and s-1..s+size-1: two slices, no gather
-            part = ops.concat([sample[:, :, 0:1], sample[:, :, start - 1:start + window.size]], axis=2)
+        if context == 2:  # frames 0 and s-1..s+size-3: two slices, no gather
+            part = ops.concat([sample[:, :, 0:1], sample[:, :, start - 1:start + window.size - 2]], axis=2)
         else:
             part = sample[:, :, 0:len(frames)]
         prediction = predict(part)

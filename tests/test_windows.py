@@ -11,10 +11,10 @@ from tav.models.attention import sparse_causal_frame_table
 from tav.pipeline import PipelineError
 from tav.sampling import denoise
 from tav.schedulers import SD_V1_SCHEDULE, DDIMScheduler
-from tav.windows import (WindowError, WindowSpec, fusion_weights, normalised_weights, window_frame_table,
-                         window_frames, window_starts, windowed_prediction)
+from tav.windows import (WindowError, WindowSpec, fusion_weights, normalised_weights, own_frames,
+                         window_frame_table, window_frames, window_starts, windowed_prediction)
 
-PLANS = [(96, 24, 8), (10, 4, 1), (13, 5, 0), (7, 3, 2), (25, 24, 8), (9, 2, 1)]
+PLANS = [(96, 24, 8), (10, 4, 1), (13, 5, 0), (7, 3, 0), (25, 24, 8), (11, 5, 2), (30, 9, 6)]
 
 
 def _rand(seed, shape):
@@ -43,19 +43,28 @@ class TemporalToy(SparseCausalToy):
 
 # -- the plan ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("frames, size, overlap", PLANS)
-def test_windows_cover_every_frame_with_the_stride_and_end_on_the_last_frame(frames, size, overlap):
+def test_windows_cover_every_frame_share_the_overlap_and_end_on_the_last_frame(frames, size, overlap):
     starts = window_starts(frames, (size, overlap))
+    ends = [min(s + own_frames(s, size), frames) for s in starts]
     covered = np.zeros(frames, int)
-    for s in starts:
-        covered[s:s + size] += 1
+    for s, e in zip(starts, ends):
+        covered[s:e] += 1
     assert covered.min() >= 1
-    assert starts[0] == 0 and min(starts[-1] + size, frames) == frames
-    assert all(b - a == size - overlap for a, b in zip(starts[:-2], starts[1:-1]))
-    assert 0 < starts[-1] - starts[-2] <= size - overlap if len(starts) > 1 else size >= frames
+    assert starts[0] == 0 and ends[-1] == frames and starts == sorted(set(starts))
+    assert all(end - start == overlap for end, start in zip(ends[:-2], starts[1:-1]))
+    if len(starts) > 1:
+        assert ends[-2] - starts[-1] >= overlap and 1 not in starts
 
 
 def test_96_frames_in_windows_of_24_overlapping_by_8():
-    assert window_starts(96, WindowSpec(24, 8)) == [0, 16, 32, 48, 64, 72]
+    # own frames 0-23, then 22 a window (frames 0 and s-1 are context): 16-37, 30-51, ..., the last 74-95
+    assert window_starts(96, WindowSpec(24, 8)) == [0, 16, 30, 44, 58, 72, 74]
+
+
+@pytest.mark.parametrize("frames, size, overlap", PLANS)
+def test_every_unet_call_has_the_window_size(frames, size, overlap):
+    for start in window_starts(frames, (size, overlap)):
+        assert len(window_frames(start, size, frames)[0]) == min(size, frames)
 
 
 def test_a_window_longer_than_the_video_is_the_video():
@@ -63,7 +72,7 @@ def test_a_window_longer_than_the_video_is_the_video():
 
 
 # -- the weights ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("size, overlap", [(24, 8), (5, 0), (4, 3), (2, 1)])
+@pytest.mark.parametrize("size, overlap", [(24, 8), (5, 0), (4, 3), (2, 1), (22, 8)])
 def test_fusion_weights_are_symmetric_positive_and_smallest_at_the_edges(size, overlap):
     w = fusion_weights(size, overlap)
     assert w.dtype == np.float32 and w.shape == (size,)
@@ -91,7 +100,7 @@ def test_a_frame_owned_by_one_window_keeps_weight_exactly_one():
 def test_every_window_anchors_on_video_frame_0_and_each_frames_previous_frame(frames, size, overlap):
     for start in window_starts(frames, (size, overlap)):
         local, context = window_frames(start, size, frames)
-        assert local[0] == 0 and local[context:] == list(range(start, min(start + size, frames)))
+        assert local[0] == 0 and local[context:] == list(range(start, min(start + own_frames(start, size), frames)))
         table = window_frame_table(local)
         for j in range(context, len(local)):
             assert local[table[j, 0]] == 0
@@ -106,7 +115,7 @@ def test_windowed_sparse_causal_model_equals_the_single_pass(pynative):
     t = ms.Tensor(np.array([500, 500], np.int64))
     unet = SparseCausalToy()
     whole = unet(sample, t, context).asnumpy()
-    for window in [(4, 1), (3, 0), (5, 2), (2, 1)]:
+    for window in [(4, 1), (3, 0), (5, 2), (6, 3)]:
         fused = windowed_prediction(lambda x: unet(x, t, context), sample, window).asnumpy()
         np.testing.assert_allclose(fused, whole, rtol=1e-6, atol=1e-6)
 
@@ -140,7 +149,7 @@ def test_one_window_covering_the_video_is_the_single_pass_bit_for_bit(pynative, 
 
 @pytest.mark.parametrize("run", [_denoise, _invert], ids=["denoise", "invert"])
 def test_smaller_windows_change_a_model_that_mixes_all_frames(pynative, toy_inputs, run):
-    single, windowed = run(toy_inputs), run(toy_inputs, window=(3, 1))
+    single, windowed = run(toy_inputs), run(toy_inputs, window=(4, 1))
     assert windowed.shape == single.shape and np.isfinite(windowed).all()
     assert not np.array_equal(windowed, single)
 
@@ -154,21 +163,21 @@ def test_windows_see_the_anchor_frames_and_the_guided_batch(pynative, toy_inputs
             return super().construct(sample, timestep, encoder_hidden_states)
 
     latents, cond, uncond = toy_inputs
-    denoise(Recorder(), DDIMScheduler.from_config(SD_V1_SCHEDULE), latents, cond, uncond, 1, 7.5, window=(3, 1))
-    # windows at 0, 2, 3 of 6 frames: [0,1,2], [0,1,2,3,4] (frames 0, 1 as context), [0,2,3,4,5]; CFG batch 2
-    assert seen == [(2, 3), (2, 5), (2, 5)]
+    denoise(Recorder(), DDIMScheduler.from_config(SD_V1_SCHEDULE), latents, cond, uncond, 1, 7.5, window=(4, 1))
+    # own frames 0-3, 3-4, 4-5 of 6 frames: [0,1,2,3], [0,2,3,4], [0,3,4,5]; every call 4 frames, CFG batch 2
+    assert seen == [(2, 4), (2, 4), (2, 4)]
 
 
 # -- the arguments ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("size, overlap", [(1, 0), (0, 0), (4, 4), (4, -1), (4.0, 1), (True, 0), (4, 1.5)])
+@pytest.mark.parametrize("size, overlap", [(2, 0), (0, 0), (4, 2), (4, -1), (4.0, 1), (True, 0), (4, 1.5)])
 def test_bad_windows_are_refused(size, overlap):
     with pytest.raises(WindowError):
         WindowSpec(size, overlap)
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(window=1), "--window must be an integer >= 2"),
-    (dict(window=24, window_overlap=24), "--window_overlap must be an integer with 0 <= --window_overlap < --window"),
+    (dict(window=2), "--window must be an integer >= 3"),
+    (dict(window=24, window_overlap=22), "--window_overlap must be an integer with 0 <= --window_overlap <= --window - 3"),
     (dict(window=8, window_overlap=-2), "--window_overlap must be"),
     (dict(window_overlap=4), "--window_overlap 4 needs --window"),
 ])
@@ -180,4 +189,5 @@ def test_request_window_errors_name_the_option_before_anything_is_loaded(tmp_pat
 
 def test_request_overlap_defaults_to_a_third_of_the_window():
     assert SampleRequest("x", prompts=["a"], window=24).window_spec() == WindowSpec(24, 8)
+    assert SampleRequest("x", prompts=["a"], window=4).window_spec() == WindowSpec(4, 1)
     assert SampleRequest("x", prompts=["a"]).window_spec() is None

@@ -41,9 +41,11 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float)
     p.add_argument("--video_length", type=int)
     p.add_argument("--window", type=int,
-                   help="frames per UNet window: long videos are inverted and sampled in overlapping windows fused at "
-                        "every step, so memory follows the window, not --video_length (docs/long-videos.md)")
-    p.add_argument("--window_overlap", type=int, help="frames shared by neighbouring windows (default window // 3)")
+                   help="frames per UNet call (video frame 0 and the previous frame included): long videos are "
+                        "inverted and sampled in overlapping windows fused at every step, so memory follows the "
+                        "window, not --video_length (docs/long-videos.md)")
+    p.add_argument("--window_overlap", type=int,
+                   help="frames neighbouring windows share (default window // 3, at most window - 3)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--sample_start_idx", type=int)
