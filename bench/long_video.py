@@ -125,7 +125,8 @@ def spawn(case):
 
 
 def table(results):
-    rows = ["| config | frames | window | peak RSS MiB | vs 24-frame one pass | sample s/frame | total s | frames written |",
+    rows = ["| config | frames | window | peak RSS MiB | vs 24-frame one pass | sample s/frame | total s "
+            "| frames written |",
             "|---|---|---|---|---|---|---|---|"]
     reference = {r["config"]: r["peak_mb"] for r in results if r.get("frames") == 24 and not r.get("window")
                  and "peak_mb" in r}

@@ -177,7 +177,8 @@ def test_bad_windows_are_refused(size, overlap):
 
 @pytest.mark.parametrize("options, message", [
     (dict(window=2), "--window must be an integer >= 3"),
-    (dict(window=24, window_overlap=22), "--window_overlap must be an integer with 0 <= --window_overlap <= --window - 3"),
+    (dict(window=24, window_overlap=22), "--window_overlap must be an integer with 0 <= --window_overlap <= "
+                                         "--window - 3"),
     (dict(window=8, window_overlap=-2), "--window_overlap must be"),
     (dict(window_overlap=4), "--window_overlap 4 needs --window"),
 ])
