@@ -93,3 +93,69 @@ def test_mask_iou():
     a[:2] = True
     assert world.mask_iou(a, a) == 1.0
     assert world.mask_iou(a, ~a) == 0.0
+
+
+class _ScaledDownsample:
+    """A per-channel scale (the parameter), then the VAE's Downsample (pad right/bottom, 3x3 stride-2 conv): the
+    scale's gradient flows back through the pad, as the VAE encoder's do."""
+
+    @staticmethod
+    def build(channels=8):
+        import mindspore as ms
+        from mindspore import nn
+
+        from tav.models.vae import Downsample
+
+        class Net(nn.Cell):
+            def __init__(self):
+                super().__init__()
+                self.scale = ms.Parameter(ms.Tensor(np.linspace(0.5, 1.5, channels, dtype=np.float32)[:, None, None]))
+                self.down = Downsample(channels)
+
+            def construct(self, x):
+                y = self.down(x * self.scale)
+                return (y * y).mean()
+
+        ms.set_seed(0)
+        return Net()
+
+
+def _scale_gradients(net, inputs, compiled):
+    import mindspore as ms
+
+    grad_fn = ms.value_and_grad(net, None, ms.ParameterTuple([net.scale]))
+    if compiled:
+        grad_fn = ms.jit(grad_fn)
+    return [grad_fn(ms.Tensor(x))[1][0].asnumpy() for x in inputs]
+
+
+def test_pad_right_bottom_by_concat_is_the_zero_pad():
+    import mindspore as ms
+
+    from tav.nn import pad_right_bottom
+    from tav.world_training import pad_right_bottom_by_concat
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 6)).astype(np.float32)
+    got = pad_right_bottom_by_concat(ms.Tensor(x)).asnumpy()
+    np.testing.assert_array_equal(got, np.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1))))
+    np.testing.assert_array_equal(got, pad_right_bottom(ms.Tensor(x)).asnumpy())
+
+
+def test_the_vae_training_graph_gives_the_eager_gradients_run_after_run():
+    """MindSpore 2.10's CPU PadV3 (ops.pad) in a compiled value_and_grad graph: wrong gradients through it from
+    the second run on, then a hang (docs/world.md). tav.world_training.vae_training_ops builds the VAE without
+    it; every run of the compiled graph must give PyNative's gradients."""
+    import mindspore as ms
+
+    from tav.world_training import vae_training_ops
+    from tests.helpers import in_mode
+
+    inputs = np.random.default_rng(1).standard_normal((4, 2, 8, 16, 16)).astype(np.float32)
+    with vae_training_ops():
+        net = _ScaledDownsample.build()
+        with in_mode(ms.GRAPH_MODE):
+            compiled = _scale_gradients(net, inputs, compiled=True)
+        with in_mode(ms.PYNATIVE_MODE):
+            eager = _scale_gradients(net, inputs, compiled=False)
+    for run, (a, b) in enumerate(zip(compiled, eager)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7, err_msg=f"run {run + 1}")
