@@ -27,6 +27,8 @@ def main(argv=None):
     parser.add_argument("--bank_size", type=int, default=None)
     parser.add_argument("--vae_from", default=None, help="reuse a VAE folder an earlier --retrain wrote")
     parser.add_argument("--threads", type=int, default=1, help="MindSpore CPU op threads (--retrain)")
+    parser.add_argument("--assets", action="store_true",
+                        help="with --retrain: also replace the shipped copy (tav/assets/world_model/)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv if argv is not None else sys.argv[1:])
     from tav import world_model
@@ -47,6 +49,11 @@ def main(argv=None):
     command = "python tools/make_world_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     record = world_training.train_world_model(args.output_dir, seed=args.seed, command=command, **steps)
     print(record)
+    if args.assets:
+        import shutil
+
+        shutil.copytree(args.output_dir, world_model.ASSET_DIR, dirs_exist_ok=True)
+        print(f"replaced the shipped world model at {world_model.ASSET_DIR}")
     return 0
 
 
