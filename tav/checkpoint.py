@@ -50,6 +50,17 @@ class UnsafePickleError(CheckpointError):
 # Finding and reading weights
 
 
+# model_index.json of an SD 1.x/2.x folder in diffusers layout (without the safety checker and feature extractor).
+SD_MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
 def component_folder(path, component, marker="config.json"):
     """The folder of one pipeline component: `path/component` when `path` is a pipeline folder (diffusers layout),
     else `path` itself when it holds `marker` (the component's folder given directly). Anything else raises

@@ -111,14 +111,6 @@ TOKENIZER_CONFIGS = {
     "sd1": {"pad_token": "<|endoftext|>"},
     "sd2": {"pad_token": "!"},
 }
-MODEL_INDEX = {
-    "_class_name": "StableDiffusionPipeline",
-    "scheduler": ["diffusers", "DDIMScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -707,7 +699,7 @@ def write_diffusers_folder(model, out_dir, prediction_type=None, tokenizer_from=
         os.makedirs(os.path.join(folder, "scheduler"))
         checkpoint.write_json_atomic({**SD_SCHEDULER, "prediction_type": prediction},
                                      os.path.join(folder, "scheduler", "scheduler_config.json"))
-        checkpoint.write_json_atomic(MODEL_INDEX, os.path.join(folder, "model_index.json"))
+        checkpoint.write_json_atomic(checkpoint.SD_MODEL_INDEX, os.path.join(folder, "model_index.json"))
         checkpoint.write_json_atomic({"source": os.path.abspath(model.source), "container": model.container,
                                       "layout": model.layout, "family": model.family},
                                      os.path.join(folder, SOURCE_RECORD))

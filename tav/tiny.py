@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tav.checkpoint import save_state_dict, write_json_atomic
+from tav.checkpoint import SD_MODEL_INDEX, save_state_dict, write_json_atomic
 from tav.checks import is_int
 from tav.video import VideoError, write_video
 
@@ -308,17 +308,9 @@ def write_tiny_scheduler(folder):
 
 def write_model_index(folder):
     """model_index.json as SD v1.x ships it (without the safety checker and feature extractor)."""
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
     os.makedirs(folder, exist_ok=True)
-    write_json_atomic(index, os.path.join(folder, "model_index.json"))
-    return index
+    write_json_atomic(SD_MODEL_INDEX, os.path.join(folder, "model_index.json"))
+    return dict(SD_MODEL_INDEX)
 
 
 
