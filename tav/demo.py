@@ -21,12 +21,15 @@ def demo_paths(demo_dir=DEMO_DIR):
     return os.path.join(demo_dir, "tiny-sd"), os.path.join(demo_dir, "demo-clip.mp4")
 
 
-def demo_assets(demo_dir=DEMO_DIR):
-    """(model folder, clip path) under demo_dir: the tiny pipeline and the generated clip, written on first use."""
+def demo_assets(demo_dir=DEMO_DIR, n_frames=DEMO_CLIP["n_frames"]):
+    """(model folder, clip path) under demo_dir: the tiny pipeline and the generated clip, written on first use.
+    A request for more frames than the default clip holds (a long-video run) gets a longer clip of its own."""
     model, clip = demo_paths(demo_dir)
+    if n_frames > DEMO_CLIP["n_frames"]:
+        clip = os.path.join(demo_dir, f"demo-clip-{n_frames}f.mp4")
     ensure_tiny_pipeline(model)
     if not os.path.isfile(clip):
-        make_demo_clip(clip, **DEMO_CLIP)
+        make_demo_clip(clip, **dict(DEMO_CLIP, n_frames=max(n_frames, DEMO_CLIP["n_frames"])))
     return model, clip
 
 
@@ -42,7 +45,11 @@ def demo_sample_request(demo_dir=DEMO_DIR, **overrides):
                   num_inv_steps=10, guidance_scale=7.5, fmt=["gif", "mp4"])
     values.update(overrides)
     request = SampleRequest(**values).check_options()
-    demo_assets(demo_dir)
+    if "video" not in overrides:  # the clip must hold every frame the request samples
+        frames = request.sample_start_idx + (request.video_length - 1) * request.sample_frame_rate + 1
+        request.video = demo_assets(demo_dir, frames)[1]
+    else:
+        demo_assets(demo_dir)
     return request
 
 

@@ -247,3 +247,14 @@ def test_loading_a_model_prints_no_library_import_noise(tiny_model):
     assert "Config not found for parakeet" not in output
     assert "image_processor_class argument is deprecated" not in output
     assert "a real warning still shows" in output
+
+
+def test_the_demo_request_gets_a_clip_long_enough_for_its_frames(tmp_path):
+    from tav.demo import DEMO_CLIP, demo_sample_request
+    from tav.video import read_video_frames
+
+    default = demo_sample_request(str(tmp_path))
+    assert read_video_frames(default.video, DEMO_CLIP["n_frames"], height=64, width=64).shape[0] == 16
+    long = demo_sample_request(str(tmp_path), video_length=40, sample_frame_rate=1)
+    assert long.video != default.video
+    assert read_video_frames(long.video, 40, height=64, width=64).shape == (40, 64, 64, 3)
