@@ -4,6 +4,9 @@ Cell name for name, and save safetensors atomically.
 Parameter names in tav are the PyTorch state-dict keys, so loading is a dictionary walk with no translation
 table. The `.bin` reader never imports torch: it unpickles the checkpoint with an allow-list of the handful of
 globals a state dict needs, so a malicious pickle cannot run code (see `_RestrictedUnpickler`).
+
+Over 600 lines because the torch-free pickle reader (an allow-list unpickler and the zip layout, ~200 lines) lives
+here beside the safetensors path, so every weight format enters tav through one module.
 """
 import _compat_pickle
 import json

@@ -10,6 +10,10 @@ torch-free unpickler, weights nested under `state_dict` as Lightning saves them)
 mindone writes it (its names wrap convolutions in `.conv.`, call norm parameters gamma/beta and keep the text
 encoder in OpenCLIP's fused layout; `MINDONE_RENAMES` undoes this).
 
+Why one ~900-line module: the prefix table is read in both directions (LDM -> diffusers on load, diffusers -> LDM
+for tools/convert.py) and the configuration inference reads the same key names; split apart, each piece would
+have to re-spell the table's conventions. The three containers are the only independent part (~100 lines).
+
 The key mapping is a table of (LDM prefix, diffusers prefix, inner renames) built from the configuration
 (`unet_prefix_table`, `vae_prefix_table`): the same table read backwards writes the LDM layout (`to_ldm`).
 What the shapes cannot tell (head counts, GroupNorm groups, prediction type) comes from an LDM `.yaml` beside the
