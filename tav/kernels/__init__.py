@@ -8,40 +8,7 @@
 
 The names below are the public surface (`from tav.kernels import attention, ATTENTION_BACKENDS, ...`).
 """
-from .attention_backends import (
-    ATTENTION_BACKENDS,
-    SCORE_BLOCK_ELEMENTS,
-    AttentionKernel,
-    BlockedAttention,
-    attention,
-    block_plan,
-    check_attention_shapes,
-    chunked_attention,
-    default_chunk_size,
-    flash_attention,
-    flash_unsupported_reason,
-    math_attention,
-    pad_head_dim,
-    padded_head_dim,
-    resolve_backend,
-    unpad_head_dim,
-)
+from . import attention_backends
+from .attention_backends import *  # noqa: F401,F403  (the attention backends' public names, listed there once)
 
-__all__ = [
-    "ATTENTION_BACKENDS",
-    "AttentionKernel",
-    "BlockedAttention",
-    "SCORE_BLOCK_ELEMENTS",
-    "attention",
-    "block_plan",
-    "check_attention_shapes",
-    "chunked_attention",
-    "default_chunk_size",
-    "flash_attention",
-    "flash_unsupported_reason",
-    "math_attention",
-    "pad_head_dim",
-    "padded_head_dim",
-    "resolve_backend",
-    "unpad_head_dim",
-]
+__all__ = list(attention_backends.__all__)
