@@ -126,7 +126,7 @@ class GroupNorm(nn.Cell):
 
     `construct(x, frames=1)`: with frames > 1, x is a video with its frames folded into the batch,
     ((B F), C, H, W), and each sample's statistics span its F frames -- exactly PyTorch's GroupNorm on the
-    official (B, C, F, H, W) tensor (reference 1.5), while the convolutions around it see plain 2-D batches.
+    official (B, C, F, H, W) tensor (docs/reference.md), while the convolutions around it see plain 2-D batches.
     `fused_silu=True` applies SiLU to the output (the resnets' norm -> SiLU pairs), in the same pass on CPU.
     Statistics are computed in fp32 whatever the input dtype.
     """

@@ -266,7 +266,7 @@ class Transformer3DModel(nn.Cell):
         # Each video's text repeated for its frames, consecutively, matching the (b f) order.
         context = ops.broadcast_to(encoder_hidden_states[:, None], (b, frames) + encoder_hidden_states.shape[1:])
         context = context.reshape((bf,) + encoder_hidden_states.shape[1:])
-        hidden = self.norm(x)  # per frame: the official norm runs after folding the frames (reference 1.8)
+        hidden = self.norm(x)  # per frame: the official norm runs after folding the frames (docs/reference.md: per-frame norms)
         if self.use_linear_projection:
             hidden = self.proj_in(self.to_tokens(hidden))
         else:

@@ -3,7 +3,7 @@
 They work on videos with the frames folded into the batch, ((B F), C, H, W) batch-major/frame-minor, and are
 told the frame count: the official blocks' convolutions are per-frame 2-D convs on (B, C, F, H, W) ("inflated"),
 which on the folded layout are plain 2-D convs with no transposes; only the GroupNorms must see whole videos
-(frames=F), as the official 5-D GroupNorm does (reference 1.5).
+(frames=F), as the official 5-D GroupNorm does (docs/reference.md).
 """
 from mindspore import nn, ops
 
@@ -21,7 +21,7 @@ def per_frame(vectors, frames):
 class ResnetBlock3D(nn.Cell):
     """norm1 -> SiLU -> conv1 (+ time projection) -> norm2 -> SiLU -> conv2, plus a (1x1) shortcut.
 
-    The GroupNorms' statistics span all frames of a video, as in the official model (reference 1.5): they are
+    The GroupNorms' statistics span all frames of a video, as in the official model (docs/reference.md): they are
     given the frame count (norm -> SiLU is one fused layer).
     """
 
