@@ -304,7 +304,13 @@ def upsample_nearest(x, size):
 
 def pad_right_bottom(x, amount=1):
     """Zero-pad one column on the right and one row at the bottom (the VAE downsampler's asymmetric pad). mint's
-    on Ascend (native ConstantPadND; ops.pad is PadV3 there)."""
+    on Ascend (native ConstantPadND; ops.pad is PadV3 there).
+
+    Elsewhere two concats with zeros, not ops.pad: MindSpore 2.10's CPU PadV3 inside a compiled value_and_grad
+    graph gives wrong gradients from the graph's second run on and later hangs in its strided copy (docs/world.md
+    has the evidence). Same values; the backward is two slices."""
     if _mint_flavour():
         return ascend_ops.pad(x, (0, amount, 0, amount))
-    return ops.pad(x, (0, amount, 0, amount))
+    n, c, h, w = x.shape
+    x = ops.concat((x, ops.zeros((n, c, h, amount), x.dtype)), 3)
+    return ops.concat((x, ops.zeros((n, c, amount, w + amount), x.dtype)), 2)

@@ -159,39 +159,18 @@ def _log_every(step, steps, loss, started, what, log_every):
                     f"{elapsed / (step + 1):.2f}s/step)")
 
 
-def pad_right_bottom_by_concat(x, amount=1):
-    """tav.nn.pad_right_bottom (zero columns right, zero rows at the bottom of (N, C, H, W)) as two concats.
-
-    MindSpore 2.10's CPU PadV3 (ops.pad) is broken inside a compiled value_and_grad graph (docs/world.md): from
-    the graph's second run on, the gradients that flow back through it are wrong (the VAE encoder's below its
-    last downsampler off by 100-260%), and on a later run (the 18th at batch 4, the 12th at batch 8) the
-    forward PadV3 kernel, left with output shape (N, C, -1, -1), loops forever in its strided copy: the
-    "stall". Same values as ops.pad; the backward is two slices."""
-    n, c, h, w = x.shape
-    x = ops.concat((x, ops.zeros((n, c, h, amount), x.dtype)), 3)
-    return ops.concat((x, ops.zeros((n, c, amount, w + amount), x.dtype)), 2)
-
-
 @contextlib.contextmanager
 def vae_training_ops():
-    """The ops the VAE's training graph is built and compiled with, for a with-block (restored after):
-
-    - the portable ops, not tav's native CPU kernels (some are inference-only: "Custom's bprop not defined"),
-      chosen both when the layers are built and when the graph compiles;
-    - the downsamplers' pad as concats instead of ops.pad (see pad_right_bottom_by_concat), until
-      tav.nn.pad_right_bottom itself avoids PadV3 on CPU. Ascend's mint pad is left alone."""
+    """The ops the VAE's training graph is built and compiled with, for a with-block (restored after): the portable
+    ops, not tav's native CPU kernels (some are inference-only: "Custom's bprop not defined"), chosen both when the
+    layers are built and when the graph compiles."""
     from tav import backend
-    from tav.models import vae as vae_module
 
     previous = os.environ.get(backend.NATIVE_KERNELS_ENV)
-    original_pad = vae_module.pad_right_bottom
     os.environ[backend.NATIVE_KERNELS_ENV] = "0"
-    if not backend.use_mint_ops():
-        vae_module.pad_right_bottom = pad_right_bottom_by_concat
     try:
         yield
     finally:
-        vae_module.pad_right_bottom = original_pad
         if previous is None:
             del os.environ[backend.NATIVE_KERNELS_ENV]
         else:
