@@ -457,17 +457,32 @@ def _split_in_proj(text, source):
     return out
 
 
-OPENCLIP_TEXT = (
-    (r"^token_embedding\.weight$", "text_model.embeddings.token_embedding.weight"),
-    (r"^positional_embedding$", "text_model.embeddings.position_embedding.weight"),
-    (r"^ln_final\.", "text_model.final_layer_norm."),
-    (r"^transformer\.resblocks\.(\d+)\.ln_1\.", r"text_model.encoder.layers.\1.layer_norm1."),
-    (r"^transformer\.resblocks\.(\d+)\.ln_2\.", r"text_model.encoder.layers.\1.layer_norm2."),
-    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", r"text_model.encoder.layers.\1.mlp.fc1."),
-    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"text_model.encoder.layers.\1.mlp.fc2."),
-    (r"^transformer\.resblocks\.(\d+)\.attn\.out_proj\.", r"text_model.encoder.layers.\1.self_attn.out_proj."),
-    (r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", r"text_model.encoder.layers.\1.self_attn.in_proj.\2"),
+# (OpenCLIP text-tower name, CLIPTextModel name); "{n}" stands for a block index, and a name that ends in "."
+# renames a prefix. Read left to right on load and right to left for tools/convert.py: one table, both directions.
+OPENCLIP_TEXT_NAMES = (
+    ("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
+    ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    ("ln_final.", "text_model.final_layer_norm."),
+    ("transformer.resblocks.{n}.ln_1.", "text_model.encoder.layers.{n}.layer_norm1."),
+    ("transformer.resblocks.{n}.ln_2.", "text_model.encoder.layers.{n}.layer_norm2."),
+    ("transformer.resblocks.{n}.mlp.c_fc.", "text_model.encoder.layers.{n}.mlp.fc1."),
+    ("transformer.resblocks.{n}.mlp.c_proj.", "text_model.encoder.layers.{n}.mlp.fc2."),
+    ("transformer.resblocks.{n}.attn.out_proj.", "text_model.encoder.layers.{n}.self_attn.out_proj."),
+    ("transformer.resblocks.{n}.attn.in_proj_weight", "text_model.encoder.layers.{n}.self_attn.in_proj.weight"),
+    ("transformer.resblocks.{n}.attn.in_proj_bias", "text_model.encoder.layers.{n}.self_attn.in_proj.bias"),
 )
+
+
+def _rename_rules(pairs):
+    """(regex, replacement) rules for _rename from (source name, target name) pairs of OPENCLIP_TEXT_NAMES' form."""
+    rules = []
+    for source, target in pairs:
+        pattern = "^" + re.escape(source).replace(r"\{n\}", r"(\d+)") + ("" if source.endswith(".") else "$")
+        rules.append((pattern, target.replace("{n}", r"\1")))
+    return tuple(rules)
+
+
+OPENCLIP_TEXT = _rename_rules(OPENCLIP_TEXT_NAMES)
 OPENCLIP_UNUSED = ("text_projection", "logit_scale", "attn_mask")
 
 
@@ -844,17 +859,7 @@ def _text_to_fused(text, rules, weight_suffix=".weight", bias_suffix=".bias"):
     return out
 
 
-OPENCLIP_TEXT_INVERSE = (
-    (r"^text_model\.embeddings\.token_embedding\.weight$", "token_embedding.weight"),
-    (r"^text_model\.embeddings\.position_embedding\.weight$", "positional_embedding"),
-    (r"^text_model\.final_layer_norm\.", "ln_final."),
-    (r"^text_model\.encoder\.layers\.(\d+)\.layer_norm1\.", r"transformer.resblocks.\1.ln_1."),
-    (r"^text_model\.encoder\.layers\.(\d+)\.layer_norm2\.", r"transformer.resblocks.\1.ln_2."),
-    (r"^text_model\.encoder\.layers\.(\d+)\.mlp\.fc1\.", r"transformer.resblocks.\1.mlp.c_fc."),
-    (r"^text_model\.encoder\.layers\.(\d+)\.mlp\.fc2\.", r"transformer.resblocks.\1.mlp.c_proj."),
-    (r"^text_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"transformer.resblocks.\1.attn.out_proj."),
-    (r"^text_model\.encoder\.layers\.(\d+)\.self_attn\.in_proj\.(weight|bias)$", r"transformer.resblocks.\1.attn.in_proj_\2"),
-)
+OPENCLIP_TEXT_INVERSE = _rename_rules((clip, openclip) for openclip, clip in OPENCLIP_TEXT_NAMES)
 MINDONE_TEXT_INVERSE = (
     (r"^text_model\.embeddings\.token_embedding\.weight$", "embedding_table"),
     (r"^text_model\.embeddings\.position_embedding\.weight$", "positional_embedding"),
