@@ -31,7 +31,7 @@ NATIVE_KERNELS_ENV = "TAV_NATIVE_KERNELS"
 
 
 def configure(device_target=None, mode=None, jit_level=None, device_id=None, max_threads=None,
-              max_device_memory=None):
+              max_device_memory=None, cpu_threads=None):
     """Set MindSpore's device and execution mode. Accepts "CPU"/"GPU"/"Ascend" and 0/1 (graph/pynative).
 
     device_id: the card (None: the DEVICE_ID environment variable, as Ascend/GPU launch scripts set it, else
@@ -40,6 +40,8 @@ def configure(device_target=None, mode=None, jit_level=None, device_id=None, max
     runtime device is the CPU whatever `device_target` says (see emulated_soc). A device whose MindSpore backend
     cannot load here (no CUDA 11 runtime, no CANN) is refused with MindSpore's own load error
     (DeviceUnavailableError). max_device_memory ("30GB"): MindSpore's memory pool limit on a card.
+    cpu_threads: MindSpore's CPU op thread pool when the runtime device is the CPU (None: the cores this process may
+    run on; see set_cpu_threads).
     Call it before building models: layers choose their op flavour when they are constructed."""
     kwargs = {}
     if device_target is None and (device_id is not None or os.environ.get(DEVICE_ID_ENV, "").strip()):
@@ -69,12 +71,40 @@ def configure(device_target=None, mode=None, jit_level=None, device_id=None, max
     if max_device_memory is not None and runtime_device_target() != "CPU":
         # MindSpore's memory pool limit on the card (the planner's budget is the same figure).
         ms.runtime.set_memory(max_size=str(max_device_memory).upper().replace("GIB", "GB"))
+    if runtime_device_target() == "CPU":
+        set_cpu_threads(cpu_threads)
     if max_threads is not None:
         try:
             ms.set_cpu_affinity(False)
         except Exception:  # older MindSpore: no such switch; thread count below still applies
             pass
         os.environ.setdefault("OMP_NUM_THREADS", str(max_threads))
+
+
+def available_cores():
+    """The CPU cores this process may run on (its affinity mask, which containers narrow), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def set_cpu_threads(threads=None):
+    """Size MindSpore's CPU op thread pool: `threads`, or the cores available (MindSpore's own default is 25
+    threads whatever the machine has, which oversubscribes a small machine). MindSpore accepts this once per
+    process; a second call keeps the first size. Returns the size set, or None when it was set already."""
+    from mindspore.device_context.cpu import op_tuning
+
+    threads = available_cores() if threads is None else int(threads)
+    if threads < 1:
+        raise ValueError(f"CPU threads must be >= 1, got {threads}")
+    try:
+        op_tuning.threads_num(threads)
+    except RuntimeError as error:  # "can not be set repeatedly": an earlier configure (or caller) chose it
+        if "repeatedly" not in str(error):
+            raise
+        return None
+    return threads
 
 
 def add_device_arguments(parser, device_default_help="MindSpore's default: the device its installed backend provides"):

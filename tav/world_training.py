@@ -76,13 +76,6 @@ TEXT_HIDDEN_SIZE = 32
 CAPTION_DROPOUT = 0.1
 
 
-def set_cpu_threads(threads):
-    """MindSpore's CPU op threads (the training runs beside other jobs on a small machine)."""
-    from mindspore.device_context.cpu import op_tuning
-
-    op_tuning.threads_num(int(threads))
-
-
 def frame_batch(rng, n):
     """(pixels (n, 3, 64, 64) in [-1, 1] float32, object weights (n, 1, 64, 64), scenes)."""
     frames, weights, scenes = [], [], []

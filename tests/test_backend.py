@@ -128,3 +128,23 @@ def test_nearest_upsampling_uses_pytorchs_index_rule(ms_mode, src, dst):
     expected = x[:, :, rows][:, :, :, cols]
     got = Upsample(dst)(ms.Tensor(x)).asnumpy()
     np.testing.assert_array_equal(got, expected)
+
+
+def test_configure_sizes_the_cpu_thread_pool_to_the_available_cores_once():
+    """MindSpore's CPU pool defaults to 25 threads whatever the machine has; configure() sizes it to the cores this
+    process may use, and a later request keeps that size (MindSpore refuses a second setting)."""
+    import subprocess
+    import sys
+
+    code = ("from tav import backend\n"
+            "first = backend.set_cpu_threads()\n"
+            "print(first, backend.available_cores(), backend.set_cpu_threads(3))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-3] == out[-2] and int(out[-2]) >= 1 and out[-1] == "None", out
+    code = ("from tav import backend\n"
+            "backend.configure(device_target='CPU', cpu_threads=2)\n"
+            "print(backend.set_cpu_threads(5))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-1] == "None", out  # configure set it already
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        backend.set_cpu_threads(0)

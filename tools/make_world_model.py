@@ -26,7 +26,8 @@ def main(argv=None):
     parser.add_argument("--unet_batch", type=int, default=None)
     parser.add_argument("--bank_size", type=int, default=None)
     parser.add_argument("--vae_from", default=None, help="reuse a VAE folder an earlier --retrain wrote")
-    parser.add_argument("--threads", type=int, default=1, help="MindSpore CPU op threads (--retrain)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="MindSpore CPU op threads (--retrain; default: the cores available)")
     parser.add_argument("--assets", action="store_true",
                         help="with --retrain: also replace the shipped copy (tav/assets/world_model/)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -37,13 +38,10 @@ def main(argv=None):
         path = world_model.write_world_pipeline(args.output_dir)
         print(f"wrote the world model to {os.path.abspath(path)}")
         return 0
-    import mindspore as ms
-
-    from tav import world_training
+    from tav import backend, world_training
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    world_training.set_cpu_threads(args.threads)
+    backend.configure(device_target="CPU", mode=0, cpu_threads=args.threads)
     names = ("vae_steps", "unet_steps", "vae_batch", "unet_batch", "bank_size", "vae_from")
     steps = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     command = "python tools/make_world_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
