@@ -137,10 +137,11 @@ class TrainConfig:
             return self.attention_backend
         return "auto" if self.enable_xformers_memory_efficient_attention else "math"
 
-    def effective_learning_rate(self):
-        """learning_rate, times accumulation x batch when scale_lr (one process, as the official)."""
+    def effective_learning_rate(self, ranks=1):
+        """learning_rate, times accumulation x batch x data-parallel ranks when scale_lr (as the official's
+        accelerate script scales it by its processes)."""
         if self.scale_lr:
-            return self.learning_rate * self.gradient_accumulation_steps * self.train_batch_size
+            return self.learning_rate * self.gradient_accumulation_steps * self.train_batch_size * ranks
         return self.learning_rate
 
     def notices(self):

@@ -64,9 +64,9 @@ def lr_multiplier(name, step, warmup_steps, total_steps):
     raise ValueError(f"unknown lr_scheduler {name!r}")
 
 
-def learning_rate_at(config, step):
-    """The learning rate of 0-based optimiser update `step`."""
-    base = config.effective_learning_rate()
+def learning_rate_at(config, step, ranks=1):
+    """The learning rate of 0-based optimiser update `step` (`ranks`: data-parallel processes, for scale_lr)."""
+    base = config.effective_learning_rate(ranks)
     warmup, total = config.lr_warmup_steps, config.max_train_steps
     if config.lr_scheduler == "polynomial":
         lr_end, power = 1e-7, 1.0

@@ -13,6 +13,10 @@ Where the update runs (decided in `TrainStep.__init__`, nowhere else):
 The update is never compiled into the gradient graph: on CPU that cost ~400 MiB of host memory (MindSpore keeps
 memory per graph node). All three paths unscale, check finiteness, clip and step with the same arithmetic
 (tests/test_training.py checks they agree).
+
+Data parallel (msrun, `DataParallel`): every rank computes its own videos' summed loss and gradients, one all-reduce
+sums them over ranks, and the update divides by ranks x micro-steps x loss scale: the mean over all ranks' videos,
+so the ranks' weights stay identical and equal a single process's with train_batch_size = ranks x batch.
 """
 import logging
 import math
@@ -97,6 +101,60 @@ def _warn_if_pynative():
                        "mindspore.set_context(mode=mindspore.GRAPH_MODE) first (tools/train.py does)")
 
 
+class DataParallel:
+    """Where this process sits among the data-parallel ranks: rank, world_size (0, 1 alone).
+
+        parallel = DataParallel.from_launcher()    # under msrun: init() the communication group first
+
+    `sum_over_ranks` adds every rank's loss and gradients in one all-reduce (a flat buffer, not one collective per
+    tensor); `all_agree` is a barrier that also tells every rank whether all of them got there without an error,
+    so one rank refusing its inputs stops the others instead of leaving them waiting in a collective."""
+
+    def __init__(self, rank=0, world_size=1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.rank, self.world_size = int(rank), int(world_size)
+
+    @classmethod
+    def from_launcher(cls):
+        from mindspore.communication import get_group_size, get_rank, init
+
+        init()
+        return cls(get_rank(), get_group_size())
+
+    @property
+    def is_main(self):
+        """Rank 0: the one that writes checkpoints, logs, samples and exports."""
+        return self.rank == 0
+
+    def rows(self, batch):
+        """This rank's rows of a draw made for all ranks' videos (ranks x batch rows)."""
+        return slice(self.rank * batch, (self.rank + 1) * batch)
+
+    def sum_over_ranks(self, loss, grads):
+        if self.world_size == 1:
+            return loss, grads
+        flat = ops.cat([loss.reshape(-1).astype(ms.float32)] + [g.reshape(-1) for g in grads])
+        flat = ops.AllReduce()(flat)
+        sizes = [1] + [int(np.prod(g.shape)) for g in grads]
+        parts = ops.split(flat, sizes)
+        return parts[0].reshape(loss.shape), tuple(p.reshape(g.shape) for p, g in zip(parts[1:], grads))
+
+    def from_main(self, value):
+        """Rank 0's integer `value`, on every rank (every rank must call it)."""
+        if self.world_size == 1:
+            return int(value)
+        mine = ms.Tensor([int(value) if self.is_main else 0], ms.int32)
+        return int(ops.AllReduce()(mine).asnumpy()[0])
+
+    def all_agree(self, ok):
+        """True when every rank passes ok=True; every rank must call it (a barrier)."""
+        if self.world_size == 1:
+            return bool(ok)
+        count = ops.AllReduce()(ms.Tensor([1.0 if ok else 0.0], ms.float32))
+        return int(round(float(count.asnumpy()[0]))) == self.world_size
+
+
 class TrainStep:
     """One optimiser update, what `train` calls every step:
 
@@ -108,7 +166,7 @@ class TrainStep:
     (`LossAndGradients` over `DiffusionLoss`); their sums are then averaged, unscaled by loss_scale, checked
     for finiteness, clipped to max_grad_norm and given to AdamW with learning rate `lr` -- all skipped when a
     gradient is not finite (fp16 overflow). Returns the unscaled mean loss, whether the update was applied, and
-    the pre-clip gradient norm.
+    the pre-clip gradient norm. With `parallel` (DataParallel) the sums are over every rank's videos first.
 
     Where the update runs (host, compiled or eager) is chosen once, here, as the module docstring explains;
     `update_path` says which. In GRAPH_MODE the gradient graph is compiled before its first run and the heap's
@@ -116,8 +174,9 @@ class TrainStep:
     """
 
     def __init__(self, unet, optimizer, scheduler, scaling_factor, shift_factor=None, max_grad_norm=1.0,
-                 compute_dtype=ms.float32):
+                 compute_dtype=ms.float32, parallel=None):
         self.optimizer = optimizer
+        self.parallel = parallel or DataParallel()
         self.max_grad_norm = float(max_grad_norm)
         loss = DiffusionLoss(unet, scheduler, scaling_factor, shift_factor, compute_dtype)
         self.gradients = LossAndGradients(loss, optimizer.model_params)
@@ -139,9 +198,11 @@ class TrainStep:
             else:
                 loss = loss + micro_loss
                 grads = tuple(g + h for g, h in zip(grads, micro_grads))
+        loss, grads = self.parallel.sum_over_ranks(loss, grads)
+        summed = micro_steps * self.parallel.world_size
         if self.host_update:
-            return self._update_on_host(grads, loss, np.float32(loss_scale.asnumpy()) * np.float32(micro_steps), lr)
-        denominator = loss_scale * micro_steps
+            return self._update_on_host(grads, loss, np.float32(loss_scale.asnumpy()) * np.float32(summed), lr)
+        denominator = loss_scale * summed
         if self.compiled_update:
             return self.update(ms.mutable(grads), loss, denominator, lr)
         return self.update(grads, loss, denominator, lr)

@@ -17,6 +17,13 @@ own duration. Everything it can check is checked before anything is written into
 Randomness: the per-step draws (VAE posterior noise, one timestep per video, the diffusion noise) come from a numpy
 Generator seeded with config.seed and enter the compiled step as Tensors. Its state is saved in every checkpoint,
 so a resumed run draws the same numbers as an uninterrupted one.
+
+Data parallel (`parallel=DataParallel(rank, world_size)`, tools/train.py --use_parallel True under msrun): every
+rank draws the update's numbers for all ranks x train_batch_size videos from the same seeded Generator and trains
+on its own rows of them, so each rank's videos get their own timesteps and noise, and the run draws exactly what
+one process with train_batch_size = ranks x batch draws; the gradients are averaged over ranks inside TrainStep.
+Only rank 0 writes into output_dir (config, train.log, checkpoints, samples, the delta); every rank reads the same
+inputs and checkpoint, and all ranks agree that their inputs are valid before rank 0 writes anything.
 """
 import dataclasses
 import logging
@@ -36,7 +43,7 @@ from tav.config import ConfigError, check_input_paths
 from tav.delta import DELTA_NAME, base_identity, delta_keys
 from tav.nn import match_weight_gradients
 from tav.optim import AdamW, DynamicLossScale, learning_rate_at, precision_plan
-from tav.train_step import TrainStep
+from tav.train_step import DataParallel, TrainStep
 
 logger = logging.getLogger("tav.train")
 
@@ -308,49 +315,65 @@ class TrainResult:
 
 
 class _RunLog:
-    """train.log for the duration of one train() call: a file handler on the `tav.train` logger, removed after."""
+    """train.log for the duration of one train() call: a file handler on the `tav.train` logger, removed after.
+    output_dir None (a data-parallel rank other than 0, which never writes there): no file; the per-step lines go
+    to the rank's console (msrun's log of that rank) instead."""
 
     def __init__(self, output_dir):
-        self.path = os.path.join(output_dir, "train.log")
-        self.handler = logging.FileHandler(self.path, encoding="utf-8")
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.path = os.path.join(output_dir, "train.log") if output_dir is not None else None
+        self.handler = logging.FileHandler(self.path, encoding="utf-8") if self.path else None
+        if self.handler is not None:
+            self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self.previous_level = logger.level
 
     def __enter__(self):
-        logger.addHandler(self.handler)
+        if self.handler is not None:
+            logger.addHandler(self.handler)
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)
         return self
 
     def __exit__(self, kind, error, trace):
-        if isinstance(error, TrainingError):  # the caller shows it on the console; the log keeps it too
-            self.handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, f"error: {error}", None,
-                                                  None))
-        logger.removeHandler(self.handler)
+        if self.handler is not None:
+            if isinstance(error, TrainingError):  # the caller shows it on the console; the log keeps it too
+                self.handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, f"error: {error}",
+                                                      None, None))
+            logger.removeHandler(self.handler)
+            self.handler.close()
         logger.setLevel(self.previous_level)
-        self.handler.close()
 
     def to_file(self, message):
         """Per-step lines go to the log file only (the progress bar shows them on the console)."""
-        self.handler.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, message, None, None))
+        if self.handler is None:
+            logger.info(message)
+        else:
+            self.handler.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, message, None, None))
 
 
-def train(config, step_callback=None):
-    """Tune the UNet of config.pretrained_model_path on config.train_data; see the module docstring.
+def check_rank_inputs(config, parallel):
+    """check_run_inputs on rank 0; on the other ranks only what reads (they never write into output_dir): the
+    input paths, the base model folder and the checkpoint to resume. Returns the checkpoint folder or None."""
+    from tav.pipeline import check_pipeline_folder
 
-    `step_callback(step, loss)` runs after every update (tests). Returns a TrainResult. Raises ConfigError for bad
-    input (before anything is written) and TrainingError when the loss stops being finite (the last good
-    checkpoint stays on disk; the error is in train.log too)."""
-    from tqdm.auto import tqdm
+    if parallel.is_main:
+        return check_run_inputs(config)
+    check_input_paths(config)
+    try:
+        check_pipeline_folder(config.pretrained_model_path)
+    except checkpoint.CheckpointError as exc:
+        raise ConfigError(f"{config.where('pretrained_model_path')}: pretrained_model_path: {exc}") from None
+    return resolve_resume(config)
 
+
+def _prepare(config, parallel, seed):
+    """Step 1 of train(): check and load everything; nothing is written into output_dir until all of it has worked
+    (on every rank)."""
     from tav.text import encode_prompts
 
-    # 1. Check and load everything; nothing is written into output_dir until all of it has worked.
-    resume_path = check_run_inputs(config)
+    resume_path = check_rank_inputs(config, parallel)
     pixels = read_clip(config)
     plan = precision_plan(config.mixed_precision, backend.device_target())
     notices = config.notices() + ([plan.notice] if plan.notice else [])
-    seed = config.seed if config.seed is not None else int(np.random.SeedSequence().entropy % (2 ** 31))
     if config.seed is None:
         notices.append(f"no seed in the config; using seed {seed}")
     unet, vae, tokenizer, text_encoder, scheduler = load_models(config, plan, seed)
@@ -376,8 +399,37 @@ def train(config, step_callback=None):
             global_step, losses = state.load_checkpoint(resume_path, unet, optimizer, noise, loss_scale)
         except checkpoint.CheckpointError as exc:
             raise ConfigError(f"{config.source}: cannot resume from {resume_path}: {exc}") from exc
+    return (resume_path, plan, notices, unet, vae, tokenizer, text_encoder, scheduler, mean, std, context, trainable,
+            keys, identity, optimizer, noise, loss_scale, global_step, losses)
+
+
+def train(config, step_callback=None, parallel=None):
+    """Tune the UNet of config.pretrained_model_path on config.train_data; see the module docstring.
+
+    `step_callback(step, loss)` runs after every update (tests). `parallel`: this process's DataParallel rank
+    (None: one process). Returns a TrainResult (on ranks other than 0 with no paths: they write nothing). Raises
+    ConfigError for bad input (before anything is written; on every rank when one rank's check fails) and
+    TrainingError when the loss stops being finite (the last good checkpoint stays on disk; the error is in
+    train.log too)."""
+    from tqdm.auto import tqdm
+
+    parallel = parallel or DataParallel()
+    seed = config.seed
+    if seed is None:  # one seed for all ranks: rank 0's
+        seed = parallel.from_main(int(np.random.SeedSequence().entropy % (2 ** 31)))
+    refused = None
+    try:
+        prepared = _prepare(config, parallel, seed)
+    except ConfigError as exc:
+        refused = exc
+    if not parallel.all_agree(refused is None):
+        raise refused or ConfigError(f"{config.source}: another data-parallel rank refused the inputs (rank 0's "
+                                     f"console and log say why); rank {parallel.rank} stops too")
+    (resume_path, plan, notices, unet, vae, tokenizer, text_encoder, scheduler, mean, std, context, trainable, keys,
+     identity, optimizer, noise, loss_scale, global_step, losses) = prepared
+    main = parallel.is_main
     train_step = TrainStep(unet, optimizer, scheduler, vae.scaling_factor, vae.shift_factor, config.max_grad_norm,
-                           plan.compute_dtype)
+                           plan.compute_dtype, parallel)
     latent_shape = tuple(mean.shape[1:])
     micro_steps, batch = config.gradient_accumulation_steps, config.train_batch_size
     num_train_timesteps = scheduler.config.num_train_timesteps
@@ -393,11 +445,12 @@ def train(config, step_callback=None):
         logger.info(f"saved checkpoint {path}")
         return path
 
-    # 2. Clear what the user asked to clear, then write the config and the log.
-    cleared = state.clear_previous_run(config.output_dir) if config.overwrite_output_dir else []
-    interrupted = state.remove_interrupted_writes(config.output_dir)
-    checkpoint.write_text_atomic(config.to_yaml(), os.path.join(config.output_dir, "config.yaml"))
-    with _RunLog(config.output_dir) as run_log:
+    # 2. Clear what the user asked to clear, then write the config and the log (rank 0 only).
+    cleared = state.clear_previous_run(config.output_dir) if main and config.overwrite_output_dir else []
+    interrupted = state.remove_interrupted_writes(config.output_dir) if main else []
+    if main:
+        checkpoint.write_text_atomic(config.to_yaml(), os.path.join(config.output_dir, "config.yaml"))
+    with _RunLog(config.output_dir if main else None) as run_log:
         for notice in notices:
             logger.info(f"notice: {notice}")
         if cleared:
@@ -408,17 +461,23 @@ def train(config, step_callback=None):
         total_params = sum(int(np.prod(p.shape)) for p in unet.get_parameters())
         logger.info(f"trainable: {len(trainable)} tensors, {n_params:,} parameters of {total_params:,} "
                     f"(modules ending with {', '.join(config.trainable_modules)})")
+        if parallel.world_size > 1:
+            logger.info(f"data parallel: rank {parallel.rank} of {parallel.world_size}, {batch} video(s) per rank "
+                        f"per micro-step ({batch * parallel.world_size} in all)")
         if resume_path:
             logger.info(f"resumed from {resume_path} at step {global_step}")
 
         # 3. The loop.
         last_checkpoint, samples, skipped_in_a_row = resume_path, [], 0
         with tqdm(total=config.max_train_steps, initial=global_step, desc="Steps", unit="step",
-                  dynamic_ncols=True) as bar:
+                  dynamic_ncols=True, disable=not main) as bar:
             while global_step < config.max_train_steps:
-                lr = learning_rate_at(config, global_step)
-                posterior_noise, step_noise, timesteps = noise.draw(micro_steps, batch, latent_shape,
-                                                                    num_train_timesteps)
+                lr = learning_rate_at(config, global_step, parallel.world_size)
+                posterior_noise, step_noise, timesteps = noise.draw(micro_steps, batch * parallel.world_size,
+                                                                    latent_shape, num_train_timesteps)
+                rows = parallel.rows(batch)
+                posterior_noise, step_noise, timesteps = (np.ascontiguousarray(draw[:, rows]) for draw in
+                                                          (posterior_noise, step_noise, timesteps))
                 started = time.perf_counter()
                 loss, finite, norm = train_step(mean, std, ms.Tensor(posterior_noise), ms.Tensor(step_noise),
                                                 ms.Tensor(timesteps), context, ms.Tensor(lr, ms.float32),
@@ -447,6 +506,8 @@ def train(config, step_callback=None):
                 if step_callback is not None:
                     step_callback(global_step, loss)
 
+                if not main:
+                    continue
                 if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps:
                     last_checkpoint = save(global_step)
                 if global_step % config.validation_steps == 0 and config.validation_data.prompts:
@@ -458,6 +519,9 @@ def train(config, step_callback=None):
                                 f"{os.path.join(config.output_dir, 'samples')}")
 
         # 4. The final state and exports.
+        if not main:
+            logger.info(f"done: {global_step} steps (rank {parallel.rank}; rank 0 wrote the outputs)")
+            return TrainResult(config.output_dir, global_step, losses, None, None, [], None, unet)
         if last_checkpoint is None or state.checkpoint_step(os.path.basename(last_checkpoint)) != global_step:
             last_checkpoint = save(global_step)  # a run resumed at its end still leaves its final state
         delta_path = os.path.join(config.output_dir, DELTA_NAME)

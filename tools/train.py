@@ -3,12 +3,18 @@
 
     python tools/train.py --config configs/man-skiing.yaml [key=value ...] [--device_target Ascend|CPU|GPU]
                           [--mode 0|1] [--jit_level O0|O1|O2] [--resume_from_checkpoint latest|PATH]
-                          [--overwrite_output_dir] [--debug]
+                          [--overwrite_output_dir] [--use_parallel True] [--debug]
 
 key=value overrides any config key; dotted keys reach into sections (train_data.n_sample_frames=8,
 validation_data.prompts=[a,b]). `--config configs/tiny.yaml` runs the CPU demo and writes its tiny model and clip
 on first use. Outputs: <output_dir>/unet_delta.safetensors (for tools/sample.py --unet), checkpoint-N/, samples/,
 train.log. An output_dir holding another run is refused unless you resume it or pass --overwrite_output_dir.
+
+Data parallel: `msrun --worker_num=N --local_worker_num=N tools/train.py --config C --use_parallel True` tunes the
+clip on N ranks (each on its own device, DEVICE_ID as the launcher sets it), each drawing its own timesteps and
+noise for train_batch_size videos, gradients averaged over ranks: the run equals one process with
+train_batch_size = N x batch. Rank 0 writes every output and logs to the console and train.log; each other rank
+logs to its own console (msrun's --log_dir holds one log per rank) and never writes into output_dir.
 
 This tool owns the process: the MindSpore device, execution mode and jit level (from the config, the flags winning)
 and the console logging; tav.training.train only trains. A bad input prints one `error: ...` line and exits 1;
@@ -40,8 +46,19 @@ def parse_args(argv=None):
     p.add_argument("--overwrite_output_dir", action="store_true",
                    help="start over in an output_dir holding another run: its checkpoints, delta, samples and log "
                         "are deleted first")
+    p.add_argument("--use_parallel", type=parse_bool, default=False, metavar="True|False",
+                   help="True under msrun: data-parallel tuning over the launcher's ranks (rank 0 writes the outputs)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p.parse_args(argv)
+
+
+def parse_bool(text):
+    """mindone's scripts' spelling of a boolean flag: --use_parallel True."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
 def command_line_overrides(args):
@@ -61,9 +78,10 @@ class ProgressBarHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stdout)
 
 
-def setup_console_logging():
+def setup_console_logging(rank=None):
+    """The tav loggers to the console; under data parallel each line says its rank."""
     handler = ProgressBarHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(logging.Formatter("%(message)s" if rank is None else f"[rank {rank}] %(message)s"))
     tav_logger = logging.getLogger("tav")
     tav_logger.addHandler(handler)
     tav_logger.setLevel(logging.INFO)
@@ -90,15 +108,20 @@ def main(argv=None):
     config = load_train_config(args.config, command_line_overrides(args))
     backend.configure(device_target=config.device_target, mode=config.mode, jit_level=config.jit_level,
                       device_id=args.device_id, max_device_memory=args.max_device_memory)
-    setup_console_logging()
-    ensure_demo_assets(config)
+    from tav.train_step import DataParallel
+
+    parallel = DataParallel.from_launcher() if args.use_parallel else DataParallel()
+    setup_console_logging(parallel.rank if args.use_parallel else None)
+    if parallel.is_main:
+        ensure_demo_assets(config)
+    parallel.all_agree(True)  # the other ranks read the demo assets only once rank 0 has written them
     from tav.memory_plan import check_run_fits
 
     data = config.train_data  # refused before any weight is loaded when predicted not to fit
     check_run_fits(config.pretrained_model_path, "train", data.n_sample_frames, data.height, data.width,
                    "fp16" if config.mixed_precision == "fp16" else "fp32", args.max_device_memory,
                    config.gradient_checkpointing)
-    train(config)
+    train(config, parallel=parallel)
 
 
 if __name__ == "__main__":
