@@ -15,6 +15,12 @@ Two official keys read slightly differently: `train_batch_size` B draws B noise/
 `gradient_accumulation_steps` A averages the gradients of A such draws per update (lr_warmup_steps and
 max_train_steps count updates). With the shipped values (1 and 1) both match the official exactly.
 
+The LOVEU-TGVE 2023 baseline's configs (its Tune-A-Video training script) are accepted too, mapped to the official
+keys by `from_loveu_schema`: `train_data.num_frames` -> n_sample_frames, `train_data.frame_rate` ->
+sample_frame_rate, `train_data.ext` (the frames' extension; video_path is then a folder of frame images, read in
+name order), `validation_data.prompts` as a mapping of edit type -> prompt (sampled in the mapping's order). A
+config giving both spellings of one key is an error naming both.
+
 tav's own keys (all optional):
     attention_backend       auto | math | chunked | flash | native; wins over enable_xformers_memory_efficient_attention
     device_target, mode, jit_level   MindSpore context (the command line overrides them)
@@ -237,7 +243,7 @@ def config_from_dict(raw, source="<dict>", base_dir=None, overridden=None):
     """Validate a plain dict (as read from YAML) into a TrainConfig; see load_train_config. `overridden` maps the
     dotted keys set on the command line to the override as typed (their errors name it, not the file)."""
     origin = _Origins(source, overridden)
-    raw = dict(raw)
+    raw = from_loveu_schema(dict(raw), origin)
     _reject_unknown(raw, _known_fields(TrainConfig) - set(NOT_CONFIG_KEYS), "", origin)
     for required in ("pretrained_model_path", "output_dir", "train_data", "validation_data"):
         if raw.get(required) is None:
@@ -256,6 +262,48 @@ def config_from_dict(raw, source="<dict>", base_dir=None, overridden=None):
     _check_ranges(config, origin)
     _resolve_paths(config, base_dir)
     return config
+
+
+# The LOVEU baseline's train_data keys -> the official ones (the same meaning; its loader's defaults are 32 and 1).
+LOVEU_TRAIN_DATA_KEYS = {"num_frames": "n_sample_frames", "frame_rate": "sample_frame_rate"}
+LOVEU_FRAME_EXTENSIONS = ("jpg", "jpeg", "png")
+
+
+def from_loveu_schema(raw, origin):
+    """`raw` with the LOVEU-TGVE baseline's keys (module docstring) rewritten to the official schema; a config in the
+    official schema comes back unchanged. Raises ConfigError naming the key and what was expected."""
+    train_data, validation_data = raw.get("train_data"), raw.get("validation_data")
+    if isinstance(train_data, dict):
+        train_data = dict(train_data)
+        for loveu_key, official_key in LOVEU_TRAIN_DATA_KEYS.items():
+            if loveu_key not in train_data:
+                continue
+            if official_key in train_data:
+                raise ConfigError(f"{origin('train_data.' + loveu_key)}: train_data.{loveu_key} (the LOVEU baseline's "
+                                  f"name) and train_data.{official_key} (the official name) both given; keep one")
+            train_data[official_key] = train_data.pop(loveu_key)
+        if "ext" in train_data:
+            ext = train_data.pop("ext")
+            if not isinstance(ext, str) or ext.lower().lstrip(".") not in LOVEU_FRAME_EXTENSIONS:
+                raise ConfigError(f"{origin('train_data.ext')}: train_data.ext must be one of "
+                                  f"{', '.join(LOVEU_FRAME_EXTENSIONS)} (the frame images' extension), got {ext!r}")
+            path = train_data.get("video_path")
+            if isinstance(path, str) and os.path.isfile(os.path.expanduser(path)):
+                raise ConfigError(f"{origin('train_data.ext')}: train_data.ext ({ext!r}) names the extension of frame "
+                                  f"images, but train_data.video_path {path!r} is a file; expected a folder of frames")
+        raw["train_data"] = train_data
+    if isinstance(validation_data, dict) and isinstance(validation_data.get("prompts"), dict):
+        validation_data = dict(validation_data)
+        prompts = validation_data["prompts"]
+        bad = [str(kind) for kind, prompt in prompts.items() if not isinstance(prompt, str) or not prompt.strip()]
+        if bad or not prompts:
+            where = origin("validation_data.prompts" + (f".{bad[0]}" if bad else ""))
+            raise ConfigError(f"{where}: validation_data.prompts as a mapping must map "
+                              f"each edit type to a non-empty prompt string; "
+                              f"{'empty mapping' if not prompts else 'not a prompt: ' + ', '.join(bad)}")
+        validation_data["prompts"] = list(prompts.values())
+        raw["validation_data"] = validation_data
+    return raw
 
 
 def _known_fields(cls):
