@@ -115,7 +115,8 @@ LAYERS = (
     ("the pipeline and scoring", ("tav.pipeline", "tav.evaluation")),
     ("training and the sampling job", ("tav.optim", "tav.train_step", "tav.train_state", "tav.training",
                                        "tav.generate")),
-    ("jobs built on both", ("tav.demo", "tav.loveu", "tav.world_demo", "tav.world_training", "tav.world_model")),
+    ("jobs built on both", ("tav.demo", "tav.loveu", "tav.world_demo", "tav.world_training", "tav.world_model",
+                            "tav.app")),
 )
 
 
