@@ -26,3 +26,23 @@ bench: install
 
 clean:
 	rm -rf .stamps demo_outputs .pytest_cache
+
+# The web app extra (requirements-app.txt), installed with the current numpy/transformers/huggingface_hub/torch
+# pinned so that Gradio's requirements cannot move them.
+APP_STAMP := .stamps/app
+APP_CONSTRAINTS := .stamps/app-constraints.txt
+.PHONY: app test-ui
+$(APP_STAMP): requirements-app.txt $(STAMP)
+	@mkdir -p .stamps
+	$(PIP) freeze | grep -iE '^(numpy|transformers|huggingface[-_]hub|torch)==' > $(APP_CONSTRAINTS) || true
+	$(PIP) install -q -r requirements-app.txt -c $(APP_CONSTRAINTS)
+	@touch $(APP_STAMP)
+
+app: $(APP_STAMP)
+	$(PYTHON) tools/app.py
+
+# The browser test: Debian's chromium and chromedriver (installed here when missing), then tests/ui/ only.
+test-ui: $(APP_STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -q && apt-get install -y -q chromium chromium-driver)
+	TAV_UI_TEST=1 $(PYTHON) -m pytest -q tests/ui

@@ -116,7 +116,7 @@ LAYERS = (
     ("training and the sampling job", ("tav.optim", "tav.train_step", "tav.train_state", "tav.training",
                                        "tav.generate")),
     ("jobs built on both", ("tav.demo", "tav.loveu", "tav.world_demo", "tav.world_training", "tav.world_model",
-                            "tav.app")),
+                            "tav.app", "tav.app_ui")),
 )
 
 
