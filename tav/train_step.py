@@ -76,7 +76,8 @@ class LossAndGradients(nn.Cell):
     (bench/user_loop.py, docs/training.md), the same loss and gradients as `ms.jit` over a Python function ran 2-3x
     slower in GRAPH_MODE and ~6x slower in PYNATIVE_MODE; without select_trainable, ~5x slower.
     (Casting the gradients to fp32 here, as a generator over the tuple, added ~90 MiB to the CPU graph's compile
-    memory at the small bench config: TrainStep casts the non-fp32 ones eagerly.)"""
+    memory at the small bench config: TrainStep casts the non-fp32 ones in its compiled update on Ascend/GPU and
+    eagerly on the CPU.)"""
 
     def __init__(self, loss, weights):
         super().__init__()
@@ -134,7 +135,7 @@ class DataParallel:
     def sum_over_ranks(self, loss, grads):
         if self.world_size == 1:
             return loss, grads
-        flat = ops.cat([loss.reshape(-1).astype(ms.float32)] + [g.reshape(-1) for g in grads])
+        flat = ops.cat([loss.reshape(-1).astype(ms.float32)] + [g.reshape(-1) for g in to_float32(grads)])
         flat = ops.AllReduce()(flat)
         sizes = [1] + [int(np.prod(g.shape)) for g in grads]
         parts = ops.split(flat, sizes)
@@ -184,15 +185,33 @@ class TrainStep:
         self.host_update = not self.compiled_update and optimizer.host_kernels is not None
         self.update_path = "compiled" if self.compiled_update else "host" if self.host_update else "eager"
         self.update = backend.jit(self._make_update()) if self.compiled_update else self._make_update()
+        self.accumulate = backend.jit(accumulate) if self.compiled_update else None
 
     def __call__(self, mean, std, posterior_noise, noise, timesteps, context, lr, loss_scale):
+        loss, finite, norm, _ = self._step(mean, std, posterior_noise, noise, timesteps, context, lr, loss_scale)
+        return loss, finite, norm
+
+    def report(self, mean, std, posterior_noise, noise, timesteps, context, lr, loss_scale):
+        """The same update as calling the step, returning (loss, applied, grad_norm) as Python values read from the
+        device in one transfer (the loop logs them every step; three reads would be three device syncs)."""
+        *_, packed = self._step(mean, std, posterior_noise, noise, timesteps, context, lr, loss_scale)
+        loss, finite, norm = packed.asnumpy().tolist()
+        return loss, finite > 0.5, norm
+
+    def _step(self, mean, std, posterior_noise, noise, timesteps, context, lr, loss_scale):
         micro_steps = posterior_noise.shape[0]
         loss, grads = None, None
         for i in range(micro_steps):
             args = (mean, std, posterior_noise[i], noise[i], timesteps[i], context, loss_scale)
             backend.compile_ahead(self.gradients, *args)
             micro_loss, micro_grads = self.gradients(*args)
-            micro_grads = tuple(g if g.dtype == ms.float32 else g.astype(ms.float32) for g in micro_grads)
+            if self.compiled_update:
+                # The fp16 gradients go to the compiled graphs as they are: their fp32 casts run there, not as
+                # one eager launch per tensor (112 for SD).
+                loss, grads = (micro_loss, micro_grads) if grads is None else self.accumulate(
+                    loss, micro_loss, ms.mutable(grads), ms.mutable(micro_grads))
+                continue
+            micro_grads = to_float32(micro_grads)
             if grads is None:
                 loss, grads = micro_loss, micro_grads
             else:
@@ -210,22 +229,37 @@ class TrainStep:
     def _update_on_host(self, grads, loss, denominator, lr):
         finite, norm = update_on_host(self.optimizer, [g.asnumpy() for g in grads], denominator, float(lr.asnumpy()),
                                       self.max_grad_norm)
-        return loss / ms.Tensor(denominator), ms.Tensor(finite), ms.Tensor(norm, ms.float32)
+        with np.errstate(invalid="ignore", divide="ignore"):  # an overflowed step's loss is inf/inf, reported as is
+            mean_loss = np.float32(loss.asnumpy()) / np.float32(denominator)
+        packed = ms.Tensor(np.array([mean_loss, float(finite), norm], np.float32))
+        return ms.Tensor(mean_loss), ms.Tensor(finite), ms.Tensor(norm, ms.float32), packed
 
     def _make_update(self):
-        """update(grads, loss_sum, denominator, lr) -> (loss, finite, norm); the same function runs eagerly or
-        compiled (ms.jit), where optimizer.update is inlined."""
+        """update(grads, loss_sum, denominator, lr) -> (loss, finite, norm, [loss, finite, norm] as one fp32
+        tensor); the same function runs eagerly or compiled (ms.jit), where optimizer.update is inlined. The
+        gradients may be fp16: the fp32 casts are part of it (inside the compiled graph on Ascend/GPU)."""
         optimizer, max_grad_norm = self.optimizer, self.max_grad_norm
 
         def update(grads, loss, denominator, lr):
-            grads = tuple(g / denominator for g in grads)
+            grads = tuple(g.astype(ms.float32) / denominator for g in grads)
             finite = ms.amp.all_finite(grads)
             norm = global_norm(grads)
             if finite:
                 optimizer.update(clip_by_global_norm(grads, max_grad_norm, norm), lr)
-            return loss / denominator, finite, norm
+            mean_loss = loss / denominator
+            packed = ops.stack([mean_loss.astype(ms.float32), finite.astype(ms.float32), norm.astype(ms.float32)])
+            return mean_loss, finite, norm, packed
 
         return update
+
+
+def to_float32(tensors):
+    return tuple(t if t.dtype == ms.float32 else t.astype(ms.float32) for t in tensors)
+
+
+def accumulate(loss, micro_loss, grads, micro_grads):
+    """The running sums of gradient accumulation, in fp32 (compiled on the compiled-update path)."""
+    return loss + micro_loss, tuple(g.astype(ms.float32) + h.astype(ms.float32) for g, h in zip(grads, micro_grads))
 
 
 def update_on_host(optimizer, grads, denominator, lr, max_grad_norm):

@@ -479,10 +479,9 @@ def train(config, step_callback=None, parallel=None):
                 posterior_noise, step_noise, timesteps = (np.ascontiguousarray(draw[:, rows]) for draw in
                                                           (posterior_noise, step_noise, timesteps))
                 started = time.perf_counter()
-                loss, finite, norm = train_step(mean, std, ms.Tensor(posterior_noise), ms.Tensor(step_noise),
-                                                ms.Tensor(timesteps), context, ms.Tensor(lr, ms.float32),
-                                                ms.Tensor(loss_scale.scale, ms.float32))
-                loss, finite, norm = float(loss.asnumpy()), bool(finite.asnumpy()), float(norm.asnumpy())
+                loss, finite, norm = train_step.report(mean, std, ms.Tensor(posterior_noise), ms.Tensor(step_noise),
+                                                       ms.Tensor(timesteps), context, ms.Tensor(lr, ms.float32),
+                                                       ms.Tensor(loss_scale.scale, ms.float32))
                 seconds = time.perf_counter() - started
                 if not math.isfinite(loss) or not finite:
                     skipped_in_a_row += 1
