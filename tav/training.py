@@ -41,6 +41,7 @@ from tav import backend, checkpoint
 from tav import train_state as state
 from tav.config import ConfigError, check_input_paths
 from tav.delta import DELTA_NAME, base_identity, delta_keys
+from tav.loss_plot import write_loss_plot
 from tav.nn import match_weight_gradients
 from tav.optim import AdamW, DynamicLossScale, learning_rate_at, precision_plan
 from tav.train_step import DataParallel, TrainStep
@@ -48,6 +49,7 @@ from tav.train_step import DataParallel, TrainStep
 logger = logging.getLogger("tav.train")
 
 PIPELINE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+LOSS_PLOT_NAME = "loss.png"  # beside train.log, rewritten at every checkpoint
 
 
 class TrainingError(RuntimeError):
@@ -224,11 +226,13 @@ def scaled_latents(vae, mean, std, posterior_noise):
 # Validation: the library pipeline over the modules being trained
 
 
-def run_validation(config, step, unet, vae, tokenizer, text_encoder, latents, compute_dtype=ms.float32):
+def run_validation(config, step, unet, vae, tokenizer, text_encoder, latents, compute_dtype=ms.float32, source=None):
     """DDIM-invert `latents` (1, 4, F, h, w; the clip's latents of this step) with the empty prompt, then sample each
     validation prompt from the inverted noise (or from seeded noise when use_inv_latent is false), as
-    TuneAVideoPipeline does for tools/sample.py, and write samples/step-N/<name>.<fmt> (tav.video.output_name) and
-    samples/step-N.<fmt> (all prompts in one grid). Returns the paths."""
+    TuneAVideoPipeline does for tools/sample.py, and write samples/step-N/<name>.<fmt> (tav.video.output_name),
+    samples/step-N.<fmt> (all prompts in one grid) and, given the source clip's pixels `source` (1, 3, F, H, W) in
+    [-1, 1] of the samples' shape, samples/step-N-source_edit.<fmt>: the source, then each edit, in one row.
+    Returns the paths."""
     from tav.pipeline import TuneAVideoPipeline
     from tav.schedulers import DDIMScheduler
     from tav.video import save_videos_grid, write_prompt_videos
@@ -257,6 +261,10 @@ def run_validation(config, step, unet, vae, tokenizer, text_encoder, latents, co
         written += write_prompt_videos(video, prompt, os.path.join(out_dir, f"step-{step}"), [val.format], val.fps)
     grid = os.path.join(out_dir, f"step-{step}.{val.format}")
     written.append(str(save_videos_grid(np.concatenate(videos), grid, fps=val.fps, fmt=val.format)))
+    if source is not None and tuple(source.shape[2:]) == tuple(videos[0].shape[2:]):
+        row = np.concatenate([(np.asarray(source, np.float32) + 1.0) / 2.0] + videos)
+        source_edit = os.path.join(out_dir, f"step-{step}-source_edit.{val.format}")
+        written.append(str(save_videos_grid(row, source_edit, n_rows=row.shape[0], fps=val.fps, fmt=val.format)))
     return written
 
 
@@ -399,8 +407,8 @@ def _prepare(config, parallel, seed):
             global_step, losses = state.load_checkpoint(resume_path, unet, optimizer, noise, loss_scale)
         except checkpoint.CheckpointError as exc:
             raise ConfigError(f"{config.source}: cannot resume from {resume_path}: {exc}") from exc
-    return (resume_path, plan, notices, unet, vae, tokenizer, text_encoder, scheduler, mean, std, context, trainable,
-            keys, identity, optimizer, noise, loss_scale, global_step, losses)
+    return (resume_path, plan, notices, unet, vae, tokenizer, text_encoder, scheduler, pixels, mean, std, context,
+            trainable, keys, identity, optimizer, noise, loss_scale, global_step, losses)
 
 
 def train(config, step_callback=None, parallel=None):
@@ -425,8 +433,8 @@ def train(config, step_callback=None, parallel=None):
     if not parallel.all_agree(refused is None):
         raise refused or ConfigError(f"{config.source}: another data-parallel rank refused the inputs (rank 0's "
                                      f"console and log say why); rank {parallel.rank} stops too")
-    (resume_path, plan, notices, unet, vae, tokenizer, text_encoder, scheduler, mean, std, context, trainable, keys,
-     identity, optimizer, noise, loss_scale, global_step, losses) = prepared
+    (resume_path, plan, notices, unet, vae, tokenizer, text_encoder, scheduler, pixels, mean, std, context, trainable,
+     keys, identity, optimizer, noise, loss_scale, global_step, losses) = prepared
     main = parallel.is_main
     train_step = TrainStep(unet, optimizer, scheduler, vae.scaling_factor, vae.shift_factor, config.max_grad_norm,
                            plan.compute_dtype, parallel)
@@ -440,6 +448,10 @@ def train(config, step_callback=None, parallel=None):
         values.update({name: params[name].astype(ms.float32).asnumpy() for name in keys if name not in values})
         path = state.write_checkpoint(config.output_dir, step, values, identity, optimizer, noise, loss_scale,
                                       losses, config)
+        steps = [s for s, _ in losses]
+        if steps:  # a run resumed at its end may have none of its own, but always has the resumed ones
+            write_loss_plot(os.path.join(config.output_dir, LOSS_PLOT_NAME), steps, [loss for _, loss in losses],
+                            [learning_rate_at(config, s - 1, parallel.world_size) for s in steps])
         for removed in state.prune_checkpoints(config.output_dir, config.checkpoints_total_limit):
             logger.info(f"removed old checkpoint {removed}")
         logger.info(f"saved checkpoint {path}")
@@ -512,7 +524,7 @@ def train(config, step_callback=None, parallel=None):
                 if global_step % config.validation_steps == 0 and config.validation_data.prompts:
                     latents = scaled_latents(vae, mean, std, posterior_noise[-1, :1])
                     written = run_validation(config, global_step, unet, vae, tokenizer, text_encoder, latents,
-                                             plan.compute_dtype)
+                                             plan.compute_dtype, pixels)
                     samples.extend(written)
                     logger.info(f"step {global_step}: wrote {len(written)} sample videos under "
                                 f"{os.path.join(config.output_dir, 'samples')}")

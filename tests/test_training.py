@@ -323,6 +323,25 @@ def test_run_writes_log_checkpoints_delta_and_samples(tuned):
     assert os.path.isfile(os.path.join(out, "config.yaml"))
 
 
+def test_run_plots_its_loss_and_writes_a_source_edit_grid(tuned):
+    from PIL import Image
+
+    from tav.loss_plot import LOSS_COLOR, LR_COLOR
+
+    config, _, _ = tuned
+    with Image.open(os.path.join(config.output_dir, "loss.png")) as plot:
+        assert plot.format == "PNG"
+        colors = {color for _, color in plot.convert("RGB").getcolors(1 << 20)}
+    assert LOSS_COLOR in colors and LR_COLOR in colors
+    # One row: the 4-frame 64x64 source, then the two edits, 2 px of padding around and between (save_videos_grid).
+    with Image.open(os.path.join(config.output_dir, "samples", "step-24-source_edit.gif")) as grid:
+        assert grid.size == (3 * 64 + 4 * 2, 64 + 2 * 2) and grid.n_frames == 4
+        grid.seek(0)
+        frame = np.asarray(grid.convert("RGB"), np.float32)
+    source = (training.read_clip(config)[0, :, 0].transpose(1, 2, 0) + 1) * 127.5
+    assert np.abs(frame[2:66, 2:66] - source).mean() < 12  # the first tile is the source clip (gif palette)
+
+
 def test_delta_reproduces_the_tuned_model_exactly(tuned, small_pipeline):
     _, result, _ = tuned
     from tav.pipeline import load_unet
