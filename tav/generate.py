@@ -10,6 +10,9 @@ from typing import List, Optional
 
 from tav import video as video_io
 from tav.checks import SIZE_RULE, describe_range, in_range, is_int, is_pixel_size
+from tav.evaluation import METRICS, Scorers, format_table, score_videos, write_scores
+from tav.ldm_checkpoint import check_pretrained_source
+from tav.lora import parse_lora_spec
 from tav.pipeline import PipelineError, TuneAVideoPipeline, invert_video, load_inverted_latents, resolve_dtype
 from tav.windows import WindowError, WindowSpec, check_window
 
@@ -80,6 +83,17 @@ class SampleRequest:
     check_base: bool = True  # False: apply a delta even when the base weights' fingerprint differs
     window: Optional[int] = None  # frames per UNet call (docs/long-videos.md); None: one pass over all frames
     window_overlap: Optional[int] = None  # frames shared by neighbouring windows; default window // 3
+    # A single-file --pretrained_model_path (docs/checkpoints.md): what its tensors cannot tell, and where the
+    # converted folder is kept (None: a temporary folder).
+    prediction_type: Optional[str] = None
+    tokenizer_from: Optional[str] = None
+    config_from: Optional[str] = None
+    converted_cache_dir: Optional[str] = None
+    loras: List[str] = field(default_factory=list)  # PATH[:SCALE], fused in order after the UNet (and delta) load
+    # Score every written video (docs/evaluation.md): CLIP folder for the two CLIP metrics, PickScore folder.
+    eval_clip_model: Optional[str] = None
+    pickscore_model: Optional[str] = None
+    pickscore_processor: Optional[str] = None
 
     def check_options(self):
         """The values alone (prompts, numbers, sizes, formats, dtype), before any file is read or written."""
@@ -119,8 +133,10 @@ class SampleRequest:
     def validate(self):
         """Everything that can be checked before loading a model; errors name the option."""
         self.check_options()
-        if not self.pretrained_model_path or not os.path.isdir(self.pretrained_model_path):
-            raise FileNotFoundError(f"--pretrained_model_path {self.pretrained_model_path!r} does not exist")
+        check_pretrained_source(self.pretrained_model_path, self.prediction_type, self.tokenizer_from,
+                                self.config_from)
+        self.check_loras()
+        self.check_scoring_models()
         if self.unet is not None and not os.path.exists(self.unet):
             raise FileNotFoundError(f"--unet {self.unet!r} does not exist")
         if self.video is not None and self.inv_latents is not None:
@@ -134,6 +150,26 @@ class SampleRequest:
             video_io.read_video_frames(self.video, self.video_length, self.sample_start_idx, self.sample_frame_rate,
                                        self.height, self.width, option_names=VIDEO_OPTION_NAMES)
         return self
+
+
+    def check_loras(self):
+        for spec in self.loras:
+            path, scale = parse_lora_spec(spec)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--lora {spec!r}: file {path!r} does not exist (expected PATH[:SCALE])")
+            if not in_range(scale):
+                raise PipelineError(f"--lora {spec!r}: the scale must be a finite number, got {scale!r}")
+
+    def check_scoring_models(self):
+        if self.pickscore_processor is not None and self.pickscore_model is None:
+            raise PipelineError(f"--pickscore_processor {self.pickscore_processor!r} needs --pickscore_model")
+        for option, folder in (("--eval_clip_model", self.eval_clip_model), ("--pickscore_model", self.pickscore_model),
+                               ("--pickscore_processor", self.pickscore_processor)):
+            if folder is not None and not os.path.isfile(os.path.join(folder, "config.json")):
+                raise FileNotFoundError(f"{option} {folder!r} is not a transformers CLIP folder (no config.json)")
+
+    def scores_requested(self):
+        return self.eval_clip_model is not None or self.pickscore_model is not None
 
 
 def request_from_config(config_path, **overrides):
@@ -166,7 +202,13 @@ def run_sampling(request, pipeline=None):
         # init_seed: an untuned base model's fresh temporal layers are drawn from the request's seed too.
         pipeline = TuneAVideoPipeline.from_pretrained(request.pretrained_model_path, unet=request.unet,
                                                       dtype=request.dtype, attention_backend=request.attention,
-                                                      check_base=request.check_base, init_seed=request.seed)
+                                                      check_base=request.check_base, init_seed=request.seed,
+                                                      prediction_type=request.prediction_type,
+                                                      tokenizer_from=request.tokenizer_from,
+                                                      config_from=request.config_from,
+                                                      converted_cache_dir=request.converted_cache_dir)
+    for report in pipeline.fuse_loras(request.loras):
+        logger.info("LoRA %s", report.describe())
     latents = None
     if request.video is not None:
         inversion_prompt = request.source_prompt if request.invert_with_source_prompt else ""
@@ -181,15 +223,40 @@ def run_sampling(request, pipeline=None):
     if latents is not None:
         pipeline.check_request(request.prompts, request.video_length, request.height, request.width, latents, 1)
 
-    written = []
+    written, prompt_of = [], {}
     for p, prompt in enumerate(request.prompts):
         videos = pipeline(prompt, request.video_length, request.height, request.width, request.num_inference_steps,
                           request.guidance_scale, request.negative_prompt, request.num_videos_per_prompt,
                           request.eta, latents=latents, seed=request.seed + p * request.num_videos_per_prompt,
                           progress=request.progress, window=request.window_spec())
-        written += video_io.write_prompt_videos(videos, prompt, request.output_dir, request.fmt, request.fps)
+        paths = video_io.write_prompt_videos(videos, prompt, request.output_dir, request.fmt, request.fps)
+        prompt_of.update({path: prompt for path in paths})
+        written += paths
     logger.info("sampled %d prompt(s) in %.1f s", len(request.prompts), time.time() - started)
+    if request.scores_requested():
+        written.append(score_samples(request, [(path, prompt_of[path]) for path in written]))
     return written
+
+
+SCORES_FILE = "scores.json"
+
+
+def score_samples(request, videos):
+    """Score [(path, prompt)] with the request's CLIP / PickScore models as the LOVEU-TGVE benchmark does (every
+    written file: a gif, an mp4 and a png folder of one video each count, as each is what a reader of that file
+    sees), log the table and write OUTPUT_DIR/scores.json: {"videos": {name: {"prompt", metrics...}}, "mean":
+    {metric: mean over the videos}}. Returns the json's path."""
+    scorers = Scorers.load(request.eval_clip_model, request.pickscore_model, request.pickscore_processor)
+    scored = score_videos(videos, scorers)
+    names = [os.path.relpath(path, request.output_dir) for path, _ in scored]
+    mean = {key: float(sum(s[key] for _, s in scored) / len(scored)) for key in METRICS if key in scored[0][1]}
+    rows = list(zip(names, (s for _, s in scored))) + ([("mean", mean)] if len(scored) > 1 else [])
+    logger.info("scores:\n%s", format_table(rows))
+    path = os.path.join(request.output_dir, SCORES_FILE)
+    write_scores({"videos": {name: {"prompt": prompt, **scores}
+                             for name, (_, prompt), (_, scores) in zip(names, videos, scored)},
+                  "mean": mean}, path)
+    return path
 
 
 def request_fields():

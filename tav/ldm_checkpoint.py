@@ -733,6 +733,39 @@ def is_single_file(path):
     return os.path.isfile(os.fspath(path))
 
 
+def check_pretrained_source(path, prediction_type=None, tokenizer_from=None, config_from=None,
+                            option="--pretrained_model_path"):
+    """What can be checked about a model source before any weight is read (the errors name `option`): a folder
+    takes none of the single-file options (its own config files settle them); a file needs a known suffix, a
+    tokenizer source, a known prediction type and an existing config_from folder."""
+    path = os.fspath(path) if path is not None else ""
+    if os.path.isdir(path):
+        given = [name for name, value in (("prediction_type", prediction_type), ("tokenizer_from", tokenizer_from),
+                                          ("config_from", config_from)) if value is not None]
+        if given:
+            raise SingleFileError(f"{option} {path!r} is a folder, whose own config files set what "
+                                  f"{', '.join('--' + g for g in given)} would; those options apply to a single-file "
+                                  f"checkpoint only")
+        return "folder"
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"{option} {path!r} does not exist (expected a diffusers folder or one "
+                                      f"checkpoint file: {', '.join(SINGLE_FILE_SUFFIXES)})")
+    if not path.endswith(SINGLE_FILE_SUFFIXES):
+        raise SingleFileError(f"{option} {path!r} is a file but not a checkpoint tav reads: expected a diffusers "
+                              f"folder or a name ending in {', '.join(SINGLE_FILE_SUFFIXES)}")
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise SingleFileError(f"--prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
+                              f"got {prediction_type!r}")
+    if config_from is not None and not os.path.isdir(os.fspath(config_from)):
+        raise CheckpointNotFoundError(f"--config_from {config_from!r} is not a folder (expected a diffusers SD "
+                                      f"folder whose unet/vae/text_encoder configs to use)")
+    tokenizer_source = tokenizer_from
+    if tokenizer_source is None and config_from is not None and os.path.isdir(os.path.join(config_from, "tokenizer")):
+        tokenizer_source = config_from
+    _check_tokenizer_source(tokenizer_source)
+    return "file"
+
+
 
 def single_file_source(folder):
     """The single file a folder written by resolve_pretrained came from, or None: the pipeline's identity (the
@@ -759,13 +792,7 @@ def resolve_pretrained(path, prediction_type=None, tokenizer_from=None, config_f
     path = os.fspath(path)
     if os.path.isdir(path):
         return path
-    if not os.path.exists(path):
-        raise CheckpointNotFoundError(f"pretrained model {path!r} does not exist (expected a diffusers folder or one "
-                                      f"checkpoint file: {', '.join(SINGLE_FILE_SUFFIXES)})")
-    tokenizer_source = tokenizer_from
-    if tokenizer_source is None and config_from is not None and os.path.isdir(os.path.join(config_from, "tokenizer")):
-        tokenizer_source = config_from
-    _check_tokenizer_source(tokenizer_source)  # before reading gigabytes
+    check_pretrained_source(path, prediction_type, tokenizer_from, config_from, option="pretrained model")
     stat = os.stat(path)
     request = [os.path.abspath(path), stat.st_size, int(stat.st_mtime), prediction_type,
                tokenizer_from and os.path.abspath(tokenizer_from), config_from and os.path.abspath(config_from)]

@@ -1,9 +1,10 @@
-"""One object for a Stable Diffusion folder turned into a Tune-A-Video model, and the flow that uses it:
+"""One object for a Stable Diffusion model turned into a Tune-A-Video model, and the flow that uses it:
 
     clip -> latents -> (ddim_invert) -> noise -> (denoise with guidance, UNet3D) -> latents -> frames
 
 `TuneAVideoPipeline.from_pretrained(sd_folder, unet=...)` loads vae/, text_encoder/, tokenizer/, scheduler/
 and the UNet: inflated from the SD 2-D UNet, a tuned Tune-A-Video UNet folder, or base + a trainable-only delta.
+A single LDM-layout file is converted to such a folder first (tav.ldm_checkpoint); `fuse_loras` fuses LoRA files.
 """
 import hashlib
 import json
@@ -17,6 +18,8 @@ from tav import checkpoint
 from tav.checks import SIZE_RULE, is_pixel_size
 from tav.delta import apply_delta
 from tav.inversion import ddim_invert
+from tav.ldm_checkpoint import check_pretrained_source, resolve_pretrained
+from tav.lora import apply_loras
 from tav.models import AutoencoderKL, UNet3DConditionModel
 from tav.models.vae import latents_to_video, video_to_latents
 from tav.sampling import denoise, prepare_latents
@@ -120,18 +123,42 @@ class TuneAVideoPipeline:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_path, unet=None, dtype="fp32", attention_backend="auto",
-                        vae_chunk_size=8, check_base=True, init_seed=None):
+                        vae_chunk_size=8, check_base=True, init_seed=None, prediction_type=None, tokenizer_from=None,
+                        config_from=None, converted_cache_dir=None):
+        """`pretrained_model_path`: a diffusers SD folder, or one checkpoint file in the original LDM layout
+        (.safetensors, PyTorch .ckpt, mindone's MindSpore .ckpt), converted by tav.ldm_checkpoint.resolve_pretrained
+        with `prediction_type`, `tokenizer_from` and `config_from` (docs/checkpoints.md) into `converted_cache_dir`
+        (reused while the file is unchanged) or a temporary folder."""
         dtype = resolve_dtype(dtype)
-        path = os.fspath(pretrained_model_path)
+        source = os.fspath(pretrained_model_path)
+        single_file_options = (prediction_type, tokenizer_from, config_from)
+        path = source
+        if os.path.isfile(source) or any(option is not None for option in single_file_options):
+            check_pretrained_source(source, *single_file_options)  # before any weight is read
+            path = resolve_pretrained(source, *single_file_options, cache_dir=converted_cache_dir)
         check_pipeline_folder(path)
         if unet is not None and not os.path.exists(unet):
             raise checkpoint.CheckpointNotFoundError(f"--unet {unet!r} does not exist")
         vae, text_encoder, tokenizer, scheduler = load_frozen_parts(path, dtype)
         unet_model = load_unet(path, unet, dtype, attention_backend, check_base, init_seed)
-        identity = {"pretrained_model_path": os.path.abspath(path), "unet": os.path.abspath(unet) if unet else None,
-                    "files": file_identity(os.path.join(path, "unet")) + (file_identity(unet) if unet else []),
+        base_files = file_identity(source if path != source else os.path.join(path, "unet"))
+        identity = {"pretrained_model_path": os.path.abspath(source), "unet": os.path.abspath(unet) if unet else None,
+                    "files": base_files + (file_identity(unet) if unet else []),
                     "dtype": str(dtype), "init_seed": init_seed}
+        if path != source:  # the converted folder may be temporary: key the cache on what the conversion settled
+            identity["converted"] = {name: checkpoint.read_json(os.path.join(path, name, config))
+                                     for name, config in (("unet", "config.json"),
+                                                          ("scheduler", "scheduler_config.json"))}
         return cls(vae, text_encoder, tokenizer, unet_model, scheduler, dtype, vae_chunk_size, identity)
+
+    def fuse_loras(self, specs):
+        """Fuse LoRA files (`PATH[:SCALE]` strings or (path, scale) pairs, in order) into the UNet and the text
+        encoder (tav.lora.apply_loras: exact, so sampling keeps the base model's speed); returns the reports.
+        The files become part of the identity, so inverted latents of the un-fused model are not reused."""
+        reports = apply_loras(self.unet, self.text_encoder, specs)
+        fused = [[os.path.abspath(r.path), r.scale, *file_identity(r.path)[0][1:]] for r in reports]
+        self.identity = {**self.identity, "loras": self.identity.get("loras", []) + fused}
+        return reports
 
     # --- the three stages ----------------------------------------------------------------------------------------
     def encode_text(self, prompts):

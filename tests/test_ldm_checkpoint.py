@@ -10,6 +10,7 @@ import mindspore as ms
 from tav import checkpoint, ldm_checkpoint
 from tav.ldm_checkpoint import SingleFileError
 from tav.tiny import write_tiny_pipeline
+from tests.ldm_fixtures import CONTAINERS, write_container
 
 MINDONE_LISTS = os.path.join(os.path.dirname(__import__("mindone").__file__), "tools", "sd_torch_to_mindspore")
 COMPONENTS = (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model"))
@@ -37,24 +38,6 @@ def assert_same_weights(got, expected):
             np.testing.assert_array_equal(got[name][key], value, err_msg=f"{name}: {key}")
 
 
-def write_container(kind, ldm_state, folder):
-    """The tiny model's LDM state dict as a .safetensors, a Lightning-style torch .ckpt or a mindone .ckpt."""
-    if kind == "safetensors":
-        path = os.path.join(folder, "tiny.safetensors")
-        checkpoint.save_state_dict(ldm_state, path)
-    elif kind == "torch":
-        torch = pytest.importorskip("torch", reason="writing a PyTorch .ckpt needs torch (the parity extra)")
-        path = os.path.join(folder, "tiny_torch.ckpt")
-        torch.save({"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ldm_state.items()},
-                    "global_step": 470000, "epoch": 3}, path)
-    else:
-        path = os.path.join(folder, "tiny_mindone.ckpt")
-        ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in
-                            ldm_checkpoint.to_mindone_names(ldm_state).items()], path)
-    return path
-
-
-CONTAINERS = ["safetensors", pytest.param("torch", marks=pytest.mark.parity), "mindspore"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,22 @@ from tav.video import WRITE_FORMATS  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrained_model_path", help="Stable Diffusion folder in diffusers layout")
+    p.add_argument("--pretrained_model_path",
+                   help="Stable Diffusion folder in diffusers layout, or one checkpoint file in the original LDM "
+                        "layout (.safetensors, PyTorch .ckpt, mindone's MindSpore .ckpt; docs/checkpoints.md)")
+    p.add_argument("--prediction_type", choices=("epsilon", "v_prediction", "sample"),
+                   help="a single file's prediction type (SD 2.x 768 models: v_prediction; the tensors cannot tell; "
+                        "default: an LDM <stem>.yaml beside the file, else --config_from's scheduler, else epsilon)")
+    p.add_argument("--tokenizer_from",
+                   help="a single file's tokenizer: a CLIP tokenizer folder (vocab.json, merges.txt) or an SD folder")
+    p.add_argument("--config_from", help="a diffusers SD folder whose unet/vae/text_encoder configs a single file "
+                                         "uses instead of SD's published values (non-SD sizes)")
+    p.add_argument("--converted_cache_dir",
+                   help="keep a single file's converted diffusers folder here and reuse it while the file is "
+                        "unchanged (default: a temporary folder removed on exit)")
+    p.add_argument("--lora", action="append", dest="loras", metavar="PATH[:SCALE]",
+                   help="a LoRA file (diffusers or kohya .safetensors) fused into the UNet and text encoder after "
+                        "--unet is applied, scale default 1 (repeatable, applied in order)")
     p.add_argument("--unet", help="tuned UNet folder (or pipeline folder with unet/) or a trainable-only delta file")
     p.add_argument("--no_check_base", dest="check_base", action="store_false", default=None,
                    help="apply a --unet delta even when the base model's weights differ from those it was tuned on")
@@ -55,6 +70,11 @@ def parse_args(argv=None):
     p.add_argument("--format", action="append", dest="fmt", choices=WRITE_FORMATS,
                    help="output format (repeatable; default gif; png = one file per frame)")
     p.add_argument("--fps", type=int)
+    p.add_argument("--eval_clip_model", help="a transformers CLIP folder (e.g. clip-vit-large-patch14): score every "
+                                             "written video (frame consistency, text alignment) into "
+                                             "OUTPUT_DIR/scores.json, as LOVEU-TGVE does (docs/evaluation.md)")
+    p.add_argument("--pickscore_model", help="a PickScore CLIP folder: add PickScore to the scores")
+    p.add_argument("--pickscore_processor", help="PickScore's image processor folder (default: --pickscore_model)")
     backend.add_device_arguments(p)  # --device_target (default: MindSpore's), --device_id, --jit_level, ...
     p.add_argument("--mode", type=int, default=0, choices=[0, 1], help="0 graph (default), 1 pynative")
     p.add_argument("--attention", choices=ATTENTION_BACKENDS)
