@@ -1,7 +1,8 @@
 """The app in a real browser: headless Chromium (Debian's chromium + chromedriver, driven by Selenium) against
 tools/app.py in its own process. A bad upload shows the CLI's message, a real one tunes a few steps on the
 embedded base (the world model when it ships, else the tiny one), an edit with two prompts shows both videos, and
-the mp4 behind a download link is a video with the tuned frame count."""
+the mp4 behind a download link is a video with the tuned frame count. A second user sees their place in the queue
+while a long tune runs, until Cancel stops it."""
 import os
 import socket
 import subprocess
@@ -151,3 +152,26 @@ def test_tune_then_edit_in_the_browser(server, browser, tmp_path):
     downloaded = tmp_path / "downloaded.mp4"
     downloaded.write_bytes(urllib.request.urlopen(mp4, timeout=30).read())
     assert read_frames(downloaded).shape[0] == FRAMES
+
+    # A second user waits in the one job queue while a long tune runs; Cancel stops the tune and frees it.
+    open_tab(browser, "Tune")
+    type_into(browser, "tune_steps", 500)
+    browser.find_element(By.ID, "tune_button").click()
+    wait_for(browser, lambda d: status(d, "tune_status").startswith("tuning: step"), 120, "the long tune to start")
+    first = browser.current_window_handle
+    browser.switch_to.new_window("tab")
+    browser.get(url)
+    wait_for(browser, lambda d: d.find_elements(By.ID, "edit_button"), 60, "the second page to load")
+    open_tab(browser, "Edit")
+    type_into(browser, "edit_steps", STEPS)
+    browser.find_element(By.ID, "edit_button").click()
+    # Gradio's own place-in-queue text, on the waiting event's outputs (textContent: the empty box has no size)
+    wait_for(browser, lambda d: "queue: 1/" in d.find_element(By.ID, "edit_videos").get_attribute("textContent"), 60,
+             "the second user's place in the queue")
+    second = browser.current_window_handle
+    browser.switch_to.window(first)
+    browser.find_element(By.ID, "tune_cancel").click()
+    wait_for(browser, lambda d: status(d, "tune_status").startswith("cancelled"), 120, "the tune to cancel")
+    assert len(list((work_dir / "models").iterdir())) == 1  # the cancelled run left nothing behind
+    browser.switch_to.window(second)
+    wait_for(browser, lambda d: "done" in status(d, "edit_status"), 600, "the queued edit to run once freed")
