@@ -28,6 +28,11 @@ tav's own keys (all optional):
     overwrite_output_dir    start over in an output_dir that holds another run (its checkpoints, delta, samples and
                             log are deleted first); without it such a run refuses
     save_full_pipeline      also write the tuned pipeline folder in diffusers layout at the end (official export)
+    lora_rank               tune low-rank adapters of this rank instead of trainable_modules (null: the official
+                            full tuning); the delta then holds the adapters only (tav.lora_tuning)
+    lora_modules            the Linears that get adapters, as module-name suffixes (default attn1.to_q, attn2.to_q;
+                            add attn1.to_k, attn2.to_v, attn1.to_out, attn_temp, ...)
+    lora_alpha              the adapters' scale is lora_alpha / lora_rank (null: lora_rank, scale 1)
     validation_data.negative_prompt / eta / fps / format / seed
 """
 import dataclasses
@@ -49,6 +54,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 # samples/step-N/ that already holds the per-prompt videos, so validation writes the file formats only.
 VALIDATION_FORMATS = tuple(fmt for fmt in WRITE_FORMATS if fmt != "png")
 DEFAULT_TRAINABLE_MODULES = ("attn1.to_q", "attn2.to_q", "attn_temp")  # the official set
+DEFAULT_LORA_MODULES = ("attn1.to_q", "attn2.to_q")  # LoRA tuning's default: the official projections
 
 
 # TrainConfig fields that record where the config came from, not settings: never read from or written to YAML.
@@ -129,6 +135,9 @@ class TrainConfig:
     checkpoints_total_limit: Optional[int] = None
     save_full_pipeline: bool = False
     overwrite_output_dir: bool = False
+    lora_rank: Optional[int] = None
+    lora_modules: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_MODULES))
+    lora_alpha: Optional[float] = None
     source: str = field(default="<dict>", compare=False)  # the file it came from, for messages
     origins: Optional["_Origins"] = field(default=None, compare=False, repr=False)  # per key: file or command line
 
@@ -155,6 +164,10 @@ class TrainConfig:
         lines = []
         if self.use_8bit_adam:
             lines.append("use_8bit_adam: bitsandbytes has no MindSpore version; training with the standard AdamW")
+        if self.lora_rank is not None:
+            lines.append(f"lora_rank {self.lora_rank}: training rank-{self.lora_rank} adapters on "
+                         f"{', '.join(self.lora_modules)}; trainable_modules ({', '.join(self.trainable_modules)}) "
+                         f"is not used")
         return lines
 
     def to_dict(self):
@@ -398,6 +411,7 @@ _RANGES = {
     "validation_data.video_length": (1,), "validation_data.num_inference_steps": (1,),
     "validation_data.num_inv_steps": (1,), "validation_data.guidance_scale": (),
     "validation_data.eta": (0, 1), "validation_data.fps": (0, None, True),
+    "lora_rank": (1, 1024), "lora_alpha": (0, None, True),
 }
 
 

@@ -9,6 +9,12 @@ reproduce the tuned model whatever trained). Its header records the format, the 
 its architecture and a fingerprint of its weights), the trainable modules, the step and the training config.
 Loading checks all of that before it assigns anything.
 
+A LoRA delta (tav.lora_tuning) holds only the adapters, `<layer>.lora_down.weight` (rank, in) and
+`<layer>.lora_up.weight` (out, rank), a few MB; its header adds `tav_lora` (rank, alpha, modules) and the seed the
+temporal layers were initialised from (they stay at that init, so the seed replaces their ~200 MB for SD 1.5).
+Loading re-draws the temporal layers from the seed and fuses W + (alpha / rank) up @ down into each layer; a UNet
+that has the adapters itself (training, resuming) takes them as they are.
+
 Imports nothing from training: inference (tav.pipeline) reads deltas without the training code.
 """
 import hashlib
@@ -20,7 +26,9 @@ import numpy as np
 import mindspore as ms
 
 from tav import checkpoint
-from tav.models.unet3d import is_temporal_key
+from tav.models.unet3d import init_temporal_layers, is_temporal_key
+
+LORA_DOWN, LORA_UP = ".lora_down.weight", ".lora_up.weight"
 
 DELTA_FORMAT = "tav-unet-delta/1"
 DELTA_NAME = "unet_delta.safetensors"
@@ -59,6 +67,17 @@ def base_identity(unet, keys):
     """The header entries naming the base a delta of `keys` applies to."""
     return {"tav_base_unet_config_sha256": unet_config_sha256(unet),
             "tav_base_weights_fingerprint": weights_fingerprint(unet, exclude=keys)}
+
+
+def lora_identity(unet, rank, alpha, modules, temporal_init_seed):
+    """The header entries of a LoRA delta: the base (every non-temporal weight, adapters excluded) and how to
+    rebuild the rest (the adapters' rank and alpha, the temporal layers' init seed)."""
+    excluded = [name for name, _ in unet.parameters_and_names() if is_temporal_key(name) or ".lora_" in name]
+    return {"tav_base_unet_config_sha256": unet_config_sha256(unet),
+            "tav_base_weights_fingerprint": weights_fingerprint(unet, exclude=excluded),
+            "tav_lora": json.dumps({"rank": int(rank), "alpha": float(rank if alpha is None else alpha),
+                                    "modules": list(modules)}),
+            "tav_temporal_init_seed": json.dumps(int(temporal_init_seed))}
 
 
 def save_delta(path, tensors, identity, config=None, step=None, base_model_path=None, trainable_modules=()):
@@ -116,6 +135,8 @@ def apply_delta_tensors(unet, tensors, metadata, path, check_base=True):
             f"{metadata.get('tav_base_unet_config_sha256')}, this UNet {config_sha}); base model used for training: "
             f"{base_model}")
     params = dict(unet.parameters_and_names())
+    if "tav_lora" in metadata:
+        return _apply_lora_delta(unet, tensors, metadata, path, check_base, params, base_model)
     unknown = sorted(set(tensors) - set(params))
     wrong = [(n, tensors[n].shape, tuple(params[n].shape)) for n in tensors
              if n in params and tuple(tensors[n].shape) != tuple(params[n].shape)]
@@ -131,3 +152,38 @@ def apply_delta_tensors(unet, tensors, metadata, path, check_base=True):
                 f"it was trained on {base_model}. Load the same Stable Diffusion folder, or, to apply it anyway, "
                 f"pass --no_check_base to tools/sample.py (check_base=False in code)")
     checkpoint.load_state_dict_into(unet, tensors, strict=False, source=path, ignore=lambda name: True)
+
+
+def _apply_lora_delta(unet, tensors, metadata, path, check_base, params, base_model):
+    """apply_delta_tensors for a LoRA delta (module docstring): every check first, then the temporal re-draw and the
+    adapters (loaded into a UNet that has them, else fused into the layers' weights)."""
+    lora = json.loads(metadata["tav_lora"])
+    scale = float(lora["alpha"]) / int(lora["rank"])
+    layers = sorted(name[: -len(LORA_DOWN)] for name in tensors if name.endswith(LORA_DOWN))
+    has_adapters = all(name in params for name in tensors)
+    problems = [name for name in tensors if not name.endswith((LORA_DOWN, LORA_UP))]
+    for layer in layers:
+        down, up, weight = tensors[layer + LORA_DOWN], tensors.get(layer + LORA_UP), params.get(layer + ".weight")
+        if up is None or weight is None or tuple(weight.shape) != (up.shape[0], down.shape[1]) \
+                or up.shape[1] != down.shape[0]:
+            problems.append(layer)
+    if problems or len(layers) * 2 != len(tensors):
+        raise checkpoint.CheckpointMismatchError(
+            f"LoRA delta {path!r} does not fit this UNet: {len(problems)} tensors or layers that are not a matching "
+            f"lora_down/lora_up pair of one of its Linears, e.g. {problems[:3]}")
+    if check_base:
+        excluded = [name for name in params if is_temporal_key(name) or ".lora_" in name]
+        if metadata.get("tav_base_weights_fingerprint") != weights_fingerprint(unet, exclude=excluded):
+            raise checkpoint.CheckpointMismatchError(
+                f"LoRA delta {path!r} was trained on other base weights than this UNet's (fingerprint mismatch); "
+                f"it was trained on {base_model}. Load the same Stable Diffusion folder, or, to apply it anyway, "
+                f"pass --no_check_base to tools/sample.py (check_base=False in code)")
+    init_temporal_layers(unet, json.loads(metadata["tav_temporal_init_seed"]))
+    if has_adapters:
+        checkpoint.load_state_dict_into(unet, tensors, strict=False, source=path, ignore=lambda name: True)
+        return
+    for layer in layers:
+        weight = params[layer + ".weight"]
+        fused = weight.astype(ms.float32).asnumpy() + scale * (tensors[layer + LORA_UP].astype(np.float32)
+                                                             @ tensors[layer + LORA_DOWN].astype(np.float32))
+        weight.set_data(ms.Tensor(fused.astype(np.float32)).astype(weight.dtype))

@@ -40,7 +40,8 @@ from mindspore import ops
 from tav import backend, checkpoint
 from tav import train_state as state
 from tav.config import ConfigError, check_input_paths
-from tav.delta import DELTA_NAME, base_identity, delta_keys
+from tav.delta import DELTA_NAME, base_identity, delta_keys, lora_identity
+from tav.lora_tuning import LORA_TRAINABLE_MODULES, add_lora_adapters
 from tav.loss_plot import write_loss_plot
 from tav.nn import match_weight_gradients
 from tav.optim import AdamW, DynamicLossScale, learning_rate_at, precision_plan
@@ -389,9 +390,18 @@ def _prepare(config, parallel, seed):
     context = encode_prompts(tokenizer, text_encoder, [config.train_data.prompt]).astype(ms.float32)
     context = ops.broadcast_to(context, (config.train_batch_size,) + tuple(context.shape[1:]))
 
-    trainable = select_trainable(unet, config.trainable_modules)
-    keys = delta_keys(unet, [name for name, _ in trainable])
-    identity = base_identity(unet, keys)
+    if config.lora_rank is not None:  # only the adapters train; the delta holds them alone (tav.lora_tuning)
+        try:
+            add_lora_adapters(unet, config.lora_rank, config.lora_modules, config.lora_alpha, seed)
+        except ValueError as exc:
+            raise ConfigError(f"{config.where('lora_modules')}: {exc}") from None
+        trainable = select_trainable(unet, LORA_TRAINABLE_MODULES)
+        keys = [name for name, _ in trainable]
+        identity = lora_identity(unet, config.lora_rank, config.lora_alpha, config.lora_modules, seed)
+    else:
+        trainable = select_trainable(unet, config.trainable_modules)
+        keys = delta_keys(unet, [name for name, _ in trainable])
+        identity = base_identity(unet, keys)
     initial = {name: param.asnumpy() for name, param in trainable}
     unet.to_dtype(plan.compute_dtype)  # fp16/bf16: the optimiser keeps fp32 masters of the trainable tensors
     if config.gradient_checkpointing:
@@ -471,8 +481,9 @@ def train(config, step_callback=None, parallel=None):
             logger.info(f"removed {path}, left by an interrupted checkpoint write")
         n_params = sum(int(np.prod(p.shape)) for _, p in trainable)
         total_params = sum(int(np.prod(p.shape)) for p in unet.get_parameters())
-        logger.info(f"trainable: {len(trainable)} tensors, {n_params:,} parameters of {total_params:,} "
-                    f"(modules ending with {', '.join(config.trainable_modules)})")
+        tuned = (f"rank-{config.lora_rank} adapters on {', '.join(config.lora_modules)}" if config.lora_rank is not None
+                 else f"modules ending with {', '.join(config.trainable_modules)}")
+        logger.info(f"trainable: {len(trainable)} tensors, {n_params:,} parameters of {total_params:,} ({tuned})")
         if parallel.world_size > 1:
             logger.info(f"data parallel: rank {parallel.rank} of {parallel.world_size}, {batch} video(s) per rank "
                         f"per micro-step ({batch * parallel.world_size} in all)")

@@ -113,7 +113,7 @@ LAYERS = (
     ("inversion and sampling", ("tav.inversion", "tav.sampling")),
     ("the delta format", ("tav.delta",)),
     ("the pipeline and scoring", ("tav.pipeline", "tav.evaluation")),
-    ("training and the sampling job", ("tav.optim", "tav.train_step", "tav.train_state", "tav.loss_plot",
+    ("training and the sampling job", ("tav.optim", "tav.train_step", "tav.train_state", "tav.loss_plot", "tav.lora_tuning",
                                        "tav.training", "tav.generate")),
     ("jobs built on both", ("tav.demo", "tav.loveu", "tav.world_demo", "tav.world_training", "tav.world_model",
                             "tav.app", "tav.app_ui")),
