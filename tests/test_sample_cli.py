@@ -49,14 +49,17 @@ def test_a_user_error_is_one_line_on_stderr_and_exit_status_1(tmp_path):
     result = run_tool("sample", "--pretrained_model_path", tmp_path / "missing", "--prompt", "a cat")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"error: --pretrained_model_path "
-                                                  f"{str(tmp_path / 'missing')!r} does not exist"]
+                                                  f"{str(tmp_path / 'missing')!r} does not exist (expected a "
+                                                  f"diffusers folder or one checkpoint file: .safetensors, .ckpt, "
+                                                  f".pt, .pth, .bin)"]
     assert "Traceback" not in result.stderr
 
 
 def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
     result = run_tool("sample", "--pretrained_model_path", tmp_path / "missing", "--prompt", "a cat", "--debug")
     assert result.returncode != 0
-    assert "Traceback" in result.stderr and "FileNotFoundError" in result.stderr
+    # CheckpointNotFoundError is a FileNotFoundError (tav.checkpoint), named as raised in the traceback
+    assert "Traceback" in result.stderr and "CheckpointNotFoundError" in result.stderr
 
 
 def test_run_cli_keeps_the_traceback_of_a_bug(capsys):
