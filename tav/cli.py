@@ -13,6 +13,7 @@ imports nothing from tav (the pipeline tool never pulls in training to decide ho
     if __name__ == "__main__":
         sys.exit(run_cli(main))          # main's args: anything with a `debug` attribute, or `--debug` in argv
 """
+import argparse
 import sys
 
 # (module, class name) of every error tav raises for a bad input rather than a bug.
@@ -48,6 +49,15 @@ def is_user_error(exc):
 def error_line(exc):
     """The line a user error prints: `error: <message>` (the message alone, never the class name)."""
     return f"error: {str(exc).strip() or type(exc).__name__}"
+
+
+def parse_bool(text):
+    """mindone's scripts' spelling of a boolean flag (--use_parallel True), as an argparse type."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
 def run_cli(main, argv=None):

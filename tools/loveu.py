@@ -20,15 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tav import backend  # noqa: E402
-from tav.cli import run_cli  # noqa: E402
-
-
-def str_to_bool(text):
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+from tav.cli import parse_bool, run_cli  # noqa: E402
 
 
 def set_up_ranks(args):
@@ -75,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--keep_work", action="store_true", help="keep each video's tuning run and inverted latents")
     p.add_argument("--device_target", default="CPU", choices=["CPU", "GPU", "Ascend"])
     p.add_argument("--mode", type=int, default=0, choices=[0, 1], help="0 graph (default), 1 pynative")
-    p.add_argument("--use_parallel", type=str_to_bool, default=False,
+    p.add_argument("--use_parallel", type=parse_bool, default=False,
                    help="True under msrun: each rank edits every N-th video on its own device; rank 0 writes the "
                         "summary once all are done")
     p.add_argument("--debug", action="store_true", help="show the traceback of an input error")

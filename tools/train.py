@@ -27,7 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tav.cli import run_cli  # noqa: E402
+from tav.cli import parse_bool, run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -50,15 +50,6 @@ def parse_args(argv=None):
                    help="True under msrun: data-parallel tuning over the launcher's ranks (rank 0 writes the outputs)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p.parse_args(argv)
-
-
-def parse_bool(text):
-    """mindone's scripts' spelling of a boolean flag: --use_parallel True."""
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
 def command_line_overrides(args):
