@@ -51,3 +51,24 @@ def pytest_terminal_summary(terminalreporter, config):
     if left_out:
         terminalreporter.write_line(f"{left_out} tests need the real clips in {SHARED_DATA} and were deselected "
                                     "(they run where ../shared/data exists)")
+
+
+@pytest.fixture(scope="module")
+def sample_tool():
+    """tools/sample.py as a module, so tests call its parse_args/build_request/main directly."""
+    import importlib.util
+
+    from tests.helpers import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("sample_tool", REPO_ROOT / "tools" / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading a model fails the test: the errors it checks must come before any."""
+    from tav.pipeline import TuneAVideoPipeline
+
+    monkeypatch.setattr(TuneAVideoPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))

@@ -1,4 +1,5 @@
-"""A tiny model's LDM state dict written in each single-file container (shared by the loader and the tool tests)."""
+"""A tiny model, its LDM state dict, and that state written in each single-file container (shared by the loader
+and the tool tests: import the fixtures `tiny` and `ldm_state` by name)."""
 import os
 
 import numpy as np
@@ -7,6 +8,19 @@ import pytest
 import mindspore as ms
 
 from tav import checkpoint, ldm_checkpoint
+from tav.tiny import write_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny diffusers-layout pipeline folder, once per test module."""
+    return write_tiny_pipeline(str(tmp_path_factory.mktemp("tiny") / "sd"))
+
+
+@pytest.fixture(scope="module")
+def ldm_state(tiny):
+    """`tiny`'s weights under the original LDM single-file names."""
+    return ldm_checkpoint.folder_to_ldm(tiny)
 
 
 def write_container(kind, ldm_state, folder):

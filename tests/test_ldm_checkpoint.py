@@ -9,21 +9,10 @@ import mindspore as ms
 
 from tav import checkpoint, ldm_checkpoint
 from tav.ldm_checkpoint import SingleFileError
-from tav.tiny import write_tiny_pipeline
-from tests.ldm_fixtures import CONTAINERS, write_container
+from tests.ldm_fixtures import CONTAINERS, ldm_state, tiny, write_container  # noqa: F401 (fixtures)
 
 MINDONE_LISTS = os.path.join(os.path.dirname(__import__("mindone").__file__), "tools", "sd_torch_to_mindspore")
 COMPONENTS = (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_pipeline(str(tmp_path_factory.mktemp("tiny") / "sd"))
-
-
-@pytest.fixture(scope="module")
-def ldm_state(tiny):
-    return ldm_checkpoint.folder_to_ldm(tiny)
 
 
 def folder_weights(folder):

@@ -2,7 +2,6 @@
 traceback with --debug), every numeric option range-checked before anything is loaded, prompts checked by position,
 errors named by the option the user typed, --no_check_base reaching the delta loader, the untuned base model's
 fresh temporal layers covered by the seed, and no import-time noise from the libraries under the text encoder."""
-import importlib.util
 import math
 import os
 import subprocess
@@ -21,20 +20,6 @@ from tests.helpers import REPO_ROOT, run_tool
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return tiny.write_tiny_pipeline(str(tmp_path_factory.mktemp("tiny") / "tiny-sd"))
-
-
-@pytest.fixture(scope="module")
-def sample_tool():
-    spec = importlib.util.spec_from_file_location("sample_tool", REPO_ROOT / "tools" / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Loading a model fails the test: the errors below must come before any."""
-    monkeypatch.setattr(TuneAVideoPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
 
 
 def request(tiny_model, tmp_path, **changes):

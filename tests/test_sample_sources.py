@@ -1,7 +1,6 @@
 """What tools/sample.py samples from and what it adds: a single-file checkpoint in each container gives the videos
 of its diffusers folder, --lora files are fused after the UNet is built, and --eval_clip_model scores every
 written video into scores.json."""
-import importlib.util
 import json
 import logging
 import os
@@ -9,40 +8,14 @@ import os
 import numpy as np
 import pytest
 
-from tav import checkpoint, generate, ldm_checkpoint
+from tav import checkpoint, generate
 from tav.evaluation import Scorers, evaluate_video, read_frames
 from tav.ldm_checkpoint import SingleFileError
 from tav.pipeline import TuneAVideoPipeline
-from tav.tiny import write_tiny_pipeline
-from tests.helpers import REPO_ROOT
-from tests.ldm_fixtures import CONTAINERS, write_container
+from tests.ldm_fixtures import CONTAINERS, ldm_state, tiny, write_container  # noqa: F401 (fixtures)
 
 LORA_MODULE = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # a (32, 32) weight in the tiny UNet
 TEXT_MODULE = "text_model.encoder.layers.0.self_attn.q_proj"  # (32, 32) in the tiny text encoder
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_pipeline(str(tmp_path_factory.mktemp("tiny") / "sd"))
-
-
-@pytest.fixture(scope="module")
-def ldm_state(tiny):
-    return ldm_checkpoint.folder_to_ldm(tiny)
-
-
-@pytest.fixture(scope="module")
-def sample_tool():
-    spec = importlib.util.spec_from_file_location("sample_tool", REPO_ROOT / "tools" / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Loading a model fails the test: the errors below must come before any."""
-    monkeypatch.setattr(TuneAVideoPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
 
 
 def tool_request(sample_tool, model, out, *flags):
