@@ -25,7 +25,7 @@ from typing import List, Optional
 import numpy as np
 
 from tav import video as video_io
-from tav.checkpoint import read_json, write_json_atomic
+from tav.checkpoint import read_json, write_file_atomic, write_json_atomic
 
 # The embedded bases: the trained world model when it ships, else the tiny random one (its videos are noise).
 WORLD_BASE = "world model (embedded)"
@@ -194,8 +194,7 @@ def store_clip(path, work_dir):
     stored = os.path.join(work_dir, "clips", digest.hexdigest()[:16] + os.path.splitext(path)[1].lower())
     if not os.path.isfile(stored):
         os.makedirs(os.path.dirname(stored), exist_ok=True)
-        shutil.copyfile(path, stored + ".tmp")
-        os.replace(stored + ".tmp", stored)
+        write_file_atomic(stored, lambda tmp: shutil.copyfile(path, tmp))
     return os.path.abspath(stored)
 
 
@@ -325,10 +324,12 @@ def source_edit_grid(source_frames, edit_frames, path, fps=8, gap=2):
 
 def zip_folder(folder, path):
     """`folder`'s files as a zip at `path`, written atomically."""
-    with zipfile.ZipFile(path + ".tmp", "w", zipfile.ZIP_DEFLATED) as archive:
-        for name in sorted(os.listdir(folder)):
-            archive.write(os.path.join(folder, name), name)
-    os.replace(path + ".tmp", path)
+    def write_zip(tmp):
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name in sorted(os.listdir(folder)):
+                archive.write(os.path.join(folder, name), name)
+
+    write_file_atomic(path, write_zip)
     return str(path)
 
 

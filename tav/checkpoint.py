@@ -504,7 +504,7 @@ def load_state_dict_into(cell, state_dict, strict=True, dtype=None, ignore=None,
 # Saving
 
 
-def _atomic_write(path, write_to):
+def write_file_atomic(path, write_to):
     """Run `write_to(tmp_path)` on a temporary file next to `path`, fsync it, then rename it over `path`.
 
     A crash or exception at any point leaves `path` as it was (old content or absent) and removes the temp
@@ -603,7 +603,7 @@ def save_state_dict(state_dict, path, metadata=None):
     def write_to(tmp):
         safetensors.numpy.save_file(tensors, tmp, metadata=header)
 
-    _atomic_write(path, write_to)
+    write_file_atomic(path, write_to)
 
 
 def save_cell(cell, path, metadata=None, dtype=None):
@@ -617,7 +617,7 @@ def write_text_atomic(text, path):
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
 
-    _atomic_write(path, write_to)
+    write_file_atomic(path, write_to)
 
 
 def write_json_atomic(obj, path):

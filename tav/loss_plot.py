@@ -9,7 +9,7 @@ a few lines, ticks and labels, written atomically (a reader never sees half a PN
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from tav.checkpoint import _atomic_write
+from tav.checkpoint import write_file_atomic
 
 WIDTH, HEIGHT = 720, 400
 LEFT, RIGHT, TOP, BOTTOM = 70, 80, 30, 45  # margins: room for the tick labels of both scales
@@ -72,5 +72,5 @@ def render_loss_plot(steps, losses, learning_rates):
 def write_loss_plot(path, steps, losses, learning_rates):
     """Render the plot and write it to `path` as PNG, atomically. Returns the path."""
     image = render_loss_plot(steps, losses, learning_rates)
-    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    write_file_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
     return path
