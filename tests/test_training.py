@@ -541,7 +541,7 @@ def test_overwrite_output_dir_starts_over_and_interrupted_writes_are_removed(sma
     config = run_config(small_pipeline, out, clip, overwrite_output_dir=True, max_train_steps=2,
                         checkpointing_steps=2, validation_steps=5, validation_data=dict(prompts=["a bear is skiing"]))
     result = training.train(config)
-    assert sorted(os.listdir(out)) == ["checkpoint-2", "config.yaml", "notes.txt", "train.log",
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "config.yaml", "loss.png", "notes.txt", "train.log",
                                        "unet_delta.safetensors"]
     assert result.samples == [] and json.loads(delta.read_delta(result.delta_path)[1]["tav_step"]) == 2
     with open(result.log_path, encoding="utf-8") as handle:
