@@ -24,34 +24,21 @@ from tav.cli import parse_bool, run_cli  # noqa: E402
 
 
 def set_up_ranks(args):
-    """(rank, world size): (0, 1) alone; under msrun the communication group's, each rank on its own device
-    (DEVICE_ID when the launcher sets it). Rank 0 logs to the console, every rank to OUT/logs/rank_N.log."""
+    """tav.train_step.DataParallel: rank 0 of 1 alone; under msrun the communication group's, each rank on its own
+    device (DEVICE_ID when the launcher sets it). Rank 0 logs to the console, every rank to OUT/logs/rank_N.log."""
+    from tav.train_step import DataParallel
+
     device_id = int(os.environ["DEVICE_ID"]) if "DEVICE_ID" in os.environ else None
     backend.configure(device_target=args.device_target, mode=args.mode, device_id=device_id)
-    rank, world_size = 0, 1
-    if args.use_parallel:
-        from mindspore.communication import get_group_size, get_rank, init
-
-        init()
-        rank, world_size = get_rank(), get_group_size()
+    parallel = DataParallel.from_launcher() if args.use_parallel else DataParallel()
+    rank = parallel.rank
     log_dir = os.path.join(args.output_dir, "logs")
     os.makedirs(log_dir, exist_ok=True)
     handlers = [logging.FileHandler(os.path.join(log_dir, f"rank_{rank}.log"), encoding="utf-8")]
     if rank == 0:
         handlers.append(logging.StreamHandler())
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s", handlers=handlers)
-    return rank, world_size
-
-
-def barrier(world_size):
-    """Return once every rank has called it. An all-reduce, whose result needs every rank's input:
-    mindspore.mint.distributed.barrier returns at once on CPU (MindSpore 2.10), before the other ranks arrive."""
-    if world_size > 1:
-        import mindspore as ms
-
-        arrived = int(ms.ops.AllReduce()(ms.Tensor([1.0], ms.float32)).asnumpy()[0])
-        if arrived != world_size:
-            raise RuntimeError(f"barrier: {arrived} of {world_size} ranks arrived")
+    return parallel
 
 
 def parse_args(argv=None):
@@ -83,11 +70,15 @@ def main(argv=None):
     from tav import evaluation, loveu
 
     loveu.read_dataset(args.data_path)  # a bad dataset fails before any model loads or any rank starts
-    rank, world_size = set_up_ranks(args)
+    parallel = set_up_ranks(args)
+    rank, world_size = parallel.rank, parallel.world_size
     scorers = evaluation.Scorers.load(args.clip_model, args.pickscore_model, args.pickscore_processor)
     videos = loveu.edit_share(args.data_path, args.pretrained_model_path, args.output_dir, args.overrides, scorers,
                               args.dtype, args.keep_work, rank, world_size)
-    barrier(world_size)  # every rank's videos are done before rank 0 gathers their scores
+    # Every rank's videos are done before rank 0 gathers their scores (an all-reduce: MindSpore 2.10's
+    # mint.distributed.barrier returns at once on CPU, before the other ranks arrive).
+    if not parallel.all_agree(True):
+        raise RuntimeError(f"not all {world_size} ranks reached the gathering of the scores")
     if rank != 0:
         return 0
     summary = loveu.write_summary(videos, args.output_dir, scorers)
