@@ -138,6 +138,12 @@ class TrainConfig:
     lora_rank: Optional[int] = None
     lora_modules: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_MODULES))
     lora_alpha: Optional[float] = None
+    # A single-file pretrained_model_path (docs/checkpoints.md): what its tensors cannot tell, and where to keep
+    # the converted diffusers folder (None: a temporary folder removed at exit). A folder takes none of these.
+    prediction_type: Optional[str] = None
+    tokenizer_from: Optional[str] = None
+    config_from: Optional[str] = None
+    converted_cache_dir: Optional[str] = None
     source: str = field(default="<dict>", compare=False)  # the file it came from, for messages
     origins: Optional["_Origins"] = field(default=None, compare=False, repr=False)  # per key: file or command line
 
@@ -486,6 +492,9 @@ def _resolve_paths(config, base_dir):
 
     config.pretrained_model_path = resolve(config.pretrained_model_path)
     config.output_dir = resolve(config.output_dir)
+    for key in ("tokenizer_from", "config_from", "converted_cache_dir"):
+        if getattr(config, key) is not None:
+            setattr(config, key, resolve(getattr(config, key)))
     config.train_data.video_path = resolve(config.train_data.video_path)
     if config.resume_from_checkpoint not in (None, "latest"):
         config.resume_from_checkpoint = resolve(config.resume_from_checkpoint)
@@ -494,7 +503,8 @@ def _resolve_paths(config, base_dir):
 def check_input_paths(config):
     """Raise ConfigError naming the key when the base model folder or the training clip does not exist."""
     for key, path, want in (
-        ("pretrained_model_path", config.pretrained_model_path, "a Stable Diffusion pipeline folder"),
+        ("pretrained_model_path", config.pretrained_model_path,
+         "a Stable Diffusion pipeline folder or one checkpoint file"),
         ("train_data.video_path", config.train_data.video_path, "a video file (or a folder of frames)"),
     ):
         if not os.path.exists(path):

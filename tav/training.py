@@ -99,14 +99,10 @@ def check_run_inputs(config):
     """Every check that needs no model: the paths, the base model folder's layout, output_dir (writable; holding
     another run only with resume or overwrite), the resume request. Returns the checkpoint folder to resume from,
     or None. Raises ConfigError; writes nothing (output_dir is created when missing)."""
-    from tav.pipeline import check_pipeline_folder
     from tav.video import VideoError, check_writable_dir
 
     check_input_paths(config)
-    try:
-        check_pipeline_folder(config.pretrained_model_path)
-    except checkpoint.CheckpointError as exc:
-        raise ConfigError(f"{config.where('pretrained_model_path')}: pretrained_model_path: {exc}") from None
+    check_model_source(config)
     try:
         check_writable_dir(config.output_dir)
     except VideoError as exc:
@@ -125,6 +121,37 @@ def check_run_inputs(config):
                 f"delete its checkpoints, delta, samples and log pass --overwrite_output_dir "
                 f"(overwrite_output_dir: true); or choose another output_dir")
     return resume_path
+
+
+def check_model_source(config):
+    """pretrained_model_path is a diffusers SD folder with every part, or one checkpoint file with the single-file
+    keys it needs (prediction_type, tokenizer_from, config_from); nothing is read beyond the folder's configs."""
+    from tav.ldm_checkpoint import check_pretrained_source
+    from tav.pipeline import check_pipeline_folder
+
+    try:
+        kind = check_pretrained_source(config.pretrained_model_path, config.prediction_type, config.tokenizer_from,
+                                       config.config_from, option="pretrained_model_path")
+        if kind == "folder":
+            check_pipeline_folder(config.pretrained_model_path)
+    except checkpoint.CheckpointError as exc:
+        raise ConfigError(f"{config.where('pretrained_model_path')}: pretrained_model_path: {exc}") from None
+
+
+def base_model_folder(config):
+    """The diffusers folder to load: pretrained_model_path itself, or its single checkpoint file converted by
+    tav.ldm_checkpoint.resolve_pretrained into converted_cache_dir (reused while the file is unchanged) or a
+    temporary folder. The delta still records pretrained_model_path, the file the user named."""
+    from tav.ldm_checkpoint import resolve_pretrained
+
+    if os.path.isdir(config.pretrained_model_path):
+        return config.pretrained_model_path
+    try:
+        return resolve_pretrained(config.pretrained_model_path, config.prediction_type, config.tokenizer_from,
+                                  config.config_from, cache_dir=config.converted_cache_dir)
+    except checkpoint.CheckpointError as exc:
+        raise ConfigError(f"{config.where('pretrained_model_path')}: cannot convert the checkpoint file "
+                          f"{config.pretrained_model_path!r}: {exc}") from exc
 
 
 def resolve_resume(config):
@@ -176,18 +203,18 @@ def _describe_change(recorded, current, key):
 # Loading the parts and the clip
 
 
-def load_models(config, plan, seed):
-    """(unet, vae, tokenizer, text_encoder, scheduler) of config.pretrained_model_path, through the pipeline's
-    loaders; the UNet in fp32 (its trainable tensors' fp32 values become the optimiser's masters), the frozen parts
+def load_models(config, plan, seed, folder=None):
+    """(unet, vae, tokenizer, text_encoder, scheduler) of `folder` (base_model_folder(config) when None), through
+    the pipeline's loaders; the UNet in fp32 (its trainable tensors' fp32 values become the optimiser's masters), the frozen parts
     in the compute dtype."""
     from tav.pipeline import load_frozen_parts, load_unet
 
+    folder = folder or base_model_folder(config)
     try:
         # The fresh temporal layers are drawn from `seed` (the official seeds torch before from_pretrained_2d),
         # not from MindSpore's global RNG: the same config gives the same start in any process.
-        unet = load_unet(config.pretrained_model_path, attention_backend=config.resolved_attention_backend(),
-                         init_seed=seed)
-        vae, text_encoder, tokenizer, scheduler = load_frozen_parts(config.pretrained_model_path, plan.compute_dtype)
+        unet = load_unet(folder, attention_backend=config.resolved_attention_backend(), init_seed=seed)
+        vae, text_encoder, tokenizer, scheduler = load_frozen_parts(folder, plan.compute_dtype)
     except checkpoint.CheckpointError as exc:
         raise ConfigError(f"{config.where('pretrained_model_path')}: cannot load the base model from "
                           f"pretrained_model_path {config.pretrained_model_path!r}: {exc}") from exc
@@ -227,7 +254,8 @@ def scaled_latents(vae, mean, std, posterior_noise):
 # Validation: the library pipeline over the modules being trained
 
 
-def run_validation(config, step, unet, vae, tokenizer, text_encoder, latents, compute_dtype=ms.float32, source=None):
+def run_validation(config, step, unet, vae, tokenizer, text_encoder, latents, compute_dtype=ms.float32, source=None,
+                   folder=None):
     """DDIM-invert `latents` (1, 4, F, h, w; the clip's latents of this step) with the empty prompt, then sample each
     validation prompt from the inverted noise (or from seeded noise when use_inv_latent is false), as
     TuneAVideoPipeline does for tools/sample.py, and write samples/step-N/<name>.<fmt> (tav.video.output_name),
@@ -242,8 +270,8 @@ def run_validation(config, step, unet, vae, tokenizer, text_encoder, latents, co
     if not val.prompts:
         return []
     seed = val.seed if val.seed is not None else (config.seed or 0)
-    pipe = TuneAVideoPipeline(vae, text_encoder, tokenizer, unet, DDIMScheduler.from_config(config.pretrained_model_path),
-                              dtype=compute_dtype)
+    scheduler = DDIMScheduler.from_config(folder or base_model_folder(config))
+    pipe = TuneAVideoPipeline(vae, text_encoder, tokenizer, unet, scheduler, dtype=compute_dtype)
     start = None
     if val.use_inv_latent:
         start = pipe.invert(ms.Tensor(latents).astype(compute_dtype), val.num_inv_steps)[-1]
@@ -273,16 +301,17 @@ def run_validation(config, step, unet, vae, tokenizer, text_encoder, latents, co
 # The official final export: the tuned pipeline in diffusers layout
 
 
-def save_full_pipeline(config, unet):
+def save_full_pipeline(config, unet, folder=None):
     """output_dir/{unet, vae, text_encoder, tokenizer, scheduler, model_index.json}: the tuned UNet (config +
     safetensors) and the base model's other parts copied unchanged; each part is replaced atomically."""
     out = config.output_dir
+    folder = folder or base_model_folder(config)
     checkpoint.replace_directory_atomically(os.path.join(out, "unet"), unet.save_pretrained)
     for part in PIPELINE_PARTS:
-        source = os.path.join(config.pretrained_model_path, part)
+        source = os.path.join(folder, part)
         checkpoint.replace_directory_atomically(
             os.path.join(out, part), lambda tmp, source=source: shutil.copytree(source, tmp, dirs_exist_ok=True))
-    base_index_path = os.path.join(config.pretrained_model_path, "model_index.json")
+    base_index_path = os.path.join(folder, "model_index.json")
     index = checkpoint.read_json(base_index_path) if os.path.isfile(base_index_path) else {}
     index = {
         "_class_name": "TuneAVideoPipeline",
@@ -362,15 +391,10 @@ class _RunLog:
 def check_rank_inputs(config, parallel):
     """check_run_inputs on rank 0; on the other ranks only what reads (they never write into output_dir): the
     input paths, the base model folder and the checkpoint to resume. Returns the checkpoint folder or None."""
-    from tav.pipeline import check_pipeline_folder
-
     if parallel.is_main:
         return check_run_inputs(config)
     check_input_paths(config)
-    try:
-        check_pipeline_folder(config.pretrained_model_path)
-    except checkpoint.CheckpointError as exc:
-        raise ConfigError(f"{config.where('pretrained_model_path')}: pretrained_model_path: {exc}") from None
+    check_model_source(config)
     return resolve_resume(config)
 
 
@@ -385,7 +409,8 @@ def _prepare(config, parallel, seed):
     notices = config.notices() + ([plan.notice] if plan.notice else [])
     if config.seed is None:
         notices.append(f"no seed in the config; using seed {seed}")
-    unet, vae, tokenizer, text_encoder, scheduler = load_models(config, plan, seed)
+    folder = base_model_folder(config)
+    unet, vae, tokenizer, text_encoder, scheduler = load_models(config, plan, seed, folder)
     mean, std = encode_clip(vae, pixels.astype(np.float32))
     context = encode_prompts(tokenizer, text_encoder, [config.train_data.prompt]).astype(ms.float32)
     context = ops.broadcast_to(context, (config.train_batch_size,) + tuple(context.shape[1:]))
@@ -417,7 +442,7 @@ def _prepare(config, parallel, seed):
             global_step, losses = state.load_checkpoint(resume_path, unet, optimizer, noise, loss_scale)
         except checkpoint.CheckpointError as exc:
             raise ConfigError(f"{config.source}: cannot resume from {resume_path}: {exc}") from exc
-    return (resume_path, plan, notices, unet, vae, tokenizer, text_encoder, scheduler, pixels, mean, std, context,
+    return (folder, resume_path, plan, notices, unet, vae, tokenizer, text_encoder, scheduler, pixels, mean, std, context,
             trainable, keys, identity, optimizer, noise, loss_scale, global_step, losses)
 
 
@@ -443,7 +468,7 @@ def train(config, step_callback=None, parallel=None):
     if not parallel.all_agree(refused is None):
         raise refused or ConfigError(f"{config.source}: another data-parallel rank refused the inputs (rank 0's "
                                      f"console and log say why); rank {parallel.rank} stops too")
-    (resume_path, plan, notices, unet, vae, tokenizer, text_encoder, scheduler, pixels, mean, std, context, trainable,
+    (folder, resume_path, plan, notices, unet, vae, tokenizer, text_encoder, scheduler, pixels, mean, std, context, trainable,
      keys, identity, optimizer, noise, loss_scale, global_step, losses) = prepared
     main = parallel.is_main
     train_step = TrainStep(unet, optimizer, scheduler, vae.scaling_factor, vae.shift_factor, config.max_grad_norm,
@@ -535,7 +560,7 @@ def train(config, step_callback=None, parallel=None):
                 if global_step % config.validation_steps == 0 and config.validation_data.prompts:
                     latents = scaled_latents(vae, mean, std, posterior_noise[-1, :1])
                     written = run_validation(config, global_step, unet, vae, tokenizer, text_encoder, latents,
-                                             plan.compute_dtype, pixels)
+                                             plan.compute_dtype, pixels, folder)
                     samples.extend(written)
                     logger.info(f"step {global_step}: wrote {len(written)} sample videos under "
                                 f"{os.path.join(config.output_dir, 'samples')}")
@@ -550,7 +575,7 @@ def train(config, step_callback=None, parallel=None):
         shutil.copyfile(os.path.join(last_checkpoint, DELTA_NAME), delta_path + ".tmp")
         os.replace(delta_path + ".tmp", delta_path)
         if config.save_full_pipeline:
-            save_full_pipeline(config, cast_to_fp32_in_place(unet, optimizer))
+            save_full_pipeline(config, cast_to_fp32_in_place(unet, optimizer), folder)
             logger.info(f"wrote the tuned pipeline (diffusers layout) to {config.output_dir}")
         logger.info(f"done: {global_step} steps. Outputs in {config.output_dir}: delta {delta_path} "
                     f"(tools/sample.py --unet), checkpoints {state.CHECKPOINT_PREFIX}N/, samples/, log {run_log.path}")
