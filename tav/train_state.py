@@ -30,7 +30,8 @@ RUN_OUTPUTS = (DELTA_NAME, "config.yaml", "train.log", "loss.png", "samples", "i
 RESUMABLE_CHANGES = ("max_train_steps", "checkpointing_steps", "validation_steps", "checkpoints_total_limit",
                      "resume_from_checkpoint", "overwrite_output_dir", "save_full_pipeline", "output_dir",
                      "validation_data", "device_target", "mode", "jit_level", "attention_backend",
-                     "enable_xformers_memory_efficient_attention", "gradient_checkpointing", "use_8bit_adam")
+                     "enable_xformers_memory_efficient_attention", "gradient_checkpointing", "use_8bit_adam",
+                     "converted_cache_dir")
 
 
 class StepNoise:
