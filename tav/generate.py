@@ -13,7 +13,8 @@ from tav.checks import SIZE_RULE, describe_range, in_range, is_int, is_pixel_siz
 from tav.evaluation import METRICS, Scorers, format_table, score_videos, write_scores
 from tav.ldm_checkpoint import check_pretrained_source
 from tav.lora import parse_lora_spec
-from tav.pipeline import PipelineError, TuneAVideoPipeline, invert_video, load_inverted_latents, resolve_dtype
+from tav.pipeline import (PipelineError, TuneAVideoPipeline, default_pixel_size, invert_video, load_inverted_latents,
+                          resolve_dtype)
 from tav.windows import WindowError, WindowSpec, check_window
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,8 @@ class SampleRequest:
     invert_with_source_prompt: bool = False
     inv_latents: Optional[str] = None
     video_length: int = 8
-    height: int = 512
-    width: int = 512
+    height: Optional[int] = None  # None: the base model's size (tav.pipeline.default_pixel_size)
+    width: Optional[int] = None
     sample_start_idx: int = 0
     sample_frame_rate: int = 1
     num_inference_steps: int = 50
@@ -94,6 +95,11 @@ class SampleRequest:
     eval_clip_model: Optional[str] = None
     pickscore_model: Optional[str] = None
     pickscore_processor: Optional[str] = None
+
+    def __post_init__(self):
+        for name in ("height", "width"):
+            if getattr(self, name) is None:
+                setattr(self, name, default_pixel_size(self.pretrained_model_path))
 
     def check_options(self):
         """The values alone (prompts, numbers, sizes, formats, dtype), before any file is read or written."""

@@ -46,6 +46,21 @@ def resolve_dtype(dtype):
     return dtype
 
 
+SD_PIXEL_SIZE = 512  # SD 1.x's training size: the default for a single checkpoint file, whose configs come later
+
+
+def default_pixel_size(pretrained_model_path):
+    """The frame size (pixels, square) a base model was trained at: its UNet's sample_size times its VAE's
+    downscale factor (AutoencoderKL.downscale_factor), read from the folder's configs without loading weights;
+    SD_PIXEL_SIZE for anything else (a single file, a path that the request's checks will refuse)."""
+    try:
+        unet = checkpoint.read_json(os.path.join(pretrained_model_path, "unet", "config.json"))
+        vae = checkpoint.read_json(os.path.join(pretrained_model_path, "vae", "config.json"))
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (checkpoint.CheckpointError, OSError, KeyError, TypeError, ValueError):
+        return SD_PIXEL_SIZE
+
+
 def check_pipeline_folder(path):
     """Every component folder must exist; the error names the folder and what is missing."""
     if not os.path.isdir(path):

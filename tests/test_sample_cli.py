@@ -246,3 +246,21 @@ def test_the_demo_request_gets_a_clip_long_enough_for_its_frames(tmp_path):
     long = demo_sample_request(str(tmp_path), video_length=40, sample_frame_rate=1)
     assert long.video != default.video
     assert read_video_frames(long.video, 40, height=64, width=64).shape == (40, 64, 64, 3)
+
+
+def test_the_frame_size_defaults_to_the_models_own(sample_tool, tmp_path):
+    """512 is SD 1.x's size, not every model's: without --height/--width the tool samples at unet sample_size x the
+    VAE's downscale factor, read from its configs, and a flag still wins."""
+    from tav import checkpoint
+    from tav.tiny import write_tiny_pipeline
+
+    model = write_tiny_pipeline(str(tmp_path / "sd"))
+    unet = checkpoint.read_json(os.path.join(model, "unet", "config.json"))
+    vae = checkpoint.read_json(os.path.join(model, "vae", "config.json"))
+    size = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    assert size != 512
+    request = sample_tool.build_request(sample_tool.parse_args(["--pretrained_model_path", model, "--prompt", "a"]))
+    assert (request.height, request.width) == (size, size)
+    request = sample_tool.build_request(sample_tool.parse_args(["--pretrained_model_path", model, "--prompt", "a",
+                                                                "--height", "48"]))
+    assert (request.height, request.width) == (48, size)

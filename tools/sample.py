@@ -61,8 +61,9 @@ def parse_args(argv=None):
                         "window, not --video_length (docs/long-videos.md)")
     p.add_argument("--window_overlap", type=int,
                    help="frames neighbouring windows share (default window // 3, at most window - 3)")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int,
+                   help="frame height (default: the base model's size, unet sample_size x the VAE's factor)")
+    p.add_argument("--width", type=int, help="frame width (default: as --height)")
     p.add_argument("--sample_start_idx", type=int)
     p.add_argument("--sample_frame_rate", type=int)
     p.add_argument("--seed", type=int)
