@@ -33,6 +33,9 @@ tav's own keys (all optional):
     lora_modules            the Linears that get adapters, as module-name suffixes (default attn1.to_q, attn2.to_q;
                             add attn1.to_k, attn2.to_v, attn1.to_out, attn_temp, ...)
     lora_alpha              the adapters' scale is lora_alpha / lora_rank (null: lora_rank, scale 1)
+    prediction_type, tokenizer_from, config_from, converted_cache_dir
+                            for a pretrained_model_path that is one checkpoint file (docs/checkpoints.md): what its
+                            tensors cannot tell, and where its converted folder is kept (null: a temporary folder)
     validation_data.negative_prompt / eta / fps / format / seed
 """
 import dataclasses
