@@ -97,6 +97,8 @@ def train_step(case, config):
     unet = build_unet(case, config)
     unet.set_train(True)
     trainable = _trainable(unet)
+    if case.get("recompute"):  # gradient_checkpointing: true (every down/up resnet and transformer recomputed)
+        unet.enable_gradient_checkpointing()
     rng = np.random.default_rng(0)
     latent_shape = (config.batch, 4, config.frames, config.latent, config.latent)
     context = ms.Tensor(rng.standard_normal((config.batch, TEXT_TOKENS, config.cross_attention_dim), dtype=np.float32))

@@ -36,6 +36,10 @@ tav's own keys (all optional):
     prediction_type, tokenizer_from, config_from, converted_cache_dir
                             for a pretrained_model_path that is one checkpoint file (docs/checkpoints.md): what its
                             tensors cannot tell, and where its converted folder is kept (null: a temporary folder)
+    train_data.frames_per_step
+                            long clips: each update tunes on this many of the clip's frames, laid out as a window of
+                            windowed sampling (frame 0, frame s-1 and a run from a random s; tav.windows), and
+                            validation samples in windows of that size (docs/long-videos.md); null: every frame
     validation_data.negative_prompt / eta / fps / format / seed
 """
 import dataclasses
@@ -80,6 +84,7 @@ class TrainData:
     n_sample_frames: int = 8
     sample_start_idx: int = 0
     sample_frame_rate: int = 1
+    frames_per_step: Optional[int] = None  # tav's: tune each step on this many of the clip's frames (None: all)
 
 
 @dataclass
@@ -417,6 +422,7 @@ _RANGES = {
     "learning_rate": (0, None, True), "adam_beta1": (0, 1, False, True), "adam_beta2": (0, 1, False, True),
     "adam_weight_decay": (0,), "adam_epsilon": (0, None, True), "max_grad_norm": (0, None, True),
     "train_data.n_sample_frames": (1,), "train_data.sample_start_idx": (0,), "train_data.sample_frame_rate": (1,),
+    "train_data.frames_per_step": (3,),
     "validation_data.video_length": (1,), "validation_data.num_inference_steps": (1,),
     "validation_data.num_inv_steps": (1,), "validation_data.guidance_scale": (),
     "validation_data.eta": (0, 1), "validation_data.fps": (0, None, True),
@@ -443,7 +449,7 @@ def _check_ranges(config, origin):
         low, high, low_open, high_open = (tuple(bounds) + (None, None, False, False)[len(bounds):])
         if not in_range(value, low, high, low_open, high_open):
             integer = is_int(value) and low is not None and high is None and not low_open
-            need(False, key, "at least 1" if integer and low == 1 else "0 or more" if integer and low == 0 else
+            need(False, key, "0 or more" if integer and low == 0 else f"at least {low}" if integer else
                  describe_range(low, high, low_open, high_open), value)
     need(config.lr_scheduler in LR_SCHEDULERS, "lr_scheduler", f"one of {', '.join(LR_SCHEDULERS)}",
          config.lr_scheduler)
@@ -469,6 +475,9 @@ def _check_ranges(config, origin):
     for key in ("width", "height"):
         need(is_pixel_size(getattr(data, key)), f"train_data.{key}", SIZE_RULE, getattr(data, key))
     need(bool(data.prompt.strip()), "train_data.prompt", "a non-empty string", data.prompt)
+    need(data.frames_per_step is None or data.frames_per_step <= data.n_sample_frames, "train_data.frames_per_step",
+         f"at most train_data.n_sample_frames ({data.n_sample_frames}), or null for all of them",
+         data.frames_per_step)
 
     val = config.validation_data
     for key in ("width", "height"):

@@ -15,7 +15,7 @@ from tav.ldm_checkpoint import check_pretrained_source
 from tav.lora import parse_lora_spec
 from tav.pipeline import (PipelineError, TuneAVideoPipeline, default_pixel_size, invert_video, load_inverted_latents,
                           resolve_dtype)
-from tav.windows import WindowError, WindowSpec, check_window
+from tav.windows import WindowError, WindowSpec, check_window, default_overlap
 
 logger = logging.getLogger(__name__)
 OUTPUT_FORMATS = video_io.WRITE_FORMATS
@@ -129,7 +129,7 @@ class SampleRequest:
             return None
         overlap = self.window_overlap
         if overlap is None and is_int(self.window):
-            overlap = max(0, min(self.window // 3, self.window - 3))
+            overlap = default_overlap(self.window)
         try:
             check_window(self.window, overlap, "--window", "--window_overlap")
         except WindowError as exc:

@@ -19,6 +19,7 @@ import numpy as np
 
 from tav import checkpoint
 from tav.delta import DELTA_NAME, apply_delta_tensors, read_delta, save_delta
+from tav.windows import random_window_frames
 
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "training_state.json"
@@ -49,6 +50,11 @@ class StepNoise:
             timesteps.append(self.rng.integers(0, num_train_timesteps, size=(batch,), dtype=np.int64))
             noise.append(self.rng.standard_normal((batch,) + tuple(latent_shape), dtype=np.float32))
         return np.stack(posterior), np.stack(noise), np.stack(timesteps)
+
+    def draw_frames(self, video_length, frames_per_step):
+        """The clip frames one update tunes on (train_data.frames_per_step): tav.windows.random_window_frames,
+        drawn before the update's noise."""
+        return random_window_frames(self.rng, frames_per_step, video_length)
 
     def state(self):
         return self.rng.bit_generator.state

@@ -254,6 +254,18 @@ def scaled_latents(vae, mean, std, posterior_noise):
 # Validation: the library pipeline over the modules being trained
 
 
+def validation_window(config):
+    """With train_data.frames_per_step the UNet was tuned on windows of that many frames: validation inverts and
+    samples the clip in such windows too (tav.windows, the default overlap), so its memory is a window's."""
+    from tav.windows import WindowSpec, default_overlap
+
+    size = config.train_data.frames_per_step
+    length = config.validation_data.video_length or config.train_data.n_sample_frames
+    if size is None or size >= length:
+        return None
+    return WindowSpec(size, default_overlap(size))
+
+
 def run_validation(config, step, unet, vae, tokenizer, text_encoder, latents, compute_dtype=ms.float32, source=None,
                    folder=None):
     """DDIM-invert `latents` (1, 4, F, h, w; the clip's latents of this step) with the empty prompt, then sample each
@@ -272,9 +284,10 @@ def run_validation(config, step, unet, vae, tokenizer, text_encoder, latents, co
     seed = val.seed if val.seed is not None else (config.seed or 0)
     scheduler = DDIMScheduler.from_config(folder or base_model_folder(config))
     pipe = TuneAVideoPipeline(vae, text_encoder, tokenizer, unet, scheduler, dtype=compute_dtype)
+    window = validation_window(config)
     start = None
     if val.use_inv_latent:
-        start = pipe.invert(ms.Tensor(latents).astype(compute_dtype), val.num_inv_steps)[-1]
+        start = pipe.invert(ms.Tensor(latents).astype(compute_dtype), val.num_inv_steps, window=window)[-1]
         os.makedirs(os.path.join(config.output_dir, "inv_latents"), exist_ok=True)
         checkpoint.save_state_dict({"latents": start.astype(ms.float32).asnumpy()},
                                    os.path.join(config.output_dir, "inv_latents", f"ddim_latent-{step}.safetensors"))
@@ -285,7 +298,7 @@ def run_validation(config, step, unet, vae, tokenizer, text_encoder, latents, co
     videos, written = [], []
     for i, prompt in enumerate(val.prompts):
         video = pipe(prompt, length, height, width, val.num_inference_steps, val.guidance_scale, val.negative_prompt,
-                     eta=val.eta, latents=start, seed=seed + i)
+                     eta=val.eta, latents=start, seed=seed + i, window=window)
         videos.append(video)
         written += write_prompt_videos(video, prompt, os.path.join(out_dir, f"step-{step}"), [val.format], val.fps)
     grid = os.path.join(out_dir, f"step-{step}.{val.format}")
@@ -474,6 +487,10 @@ def train(config, step_callback=None, parallel=None):
     train_step = TrainStep(unet, optimizer, scheduler, vae.scaling_factor, vae.shift_factor, config.max_grad_norm,
                            plan.compute_dtype, parallel)
     latent_shape = tuple(mean.shape[1:])
+    frames_per_step = config.train_data.frames_per_step
+    if frames_per_step is not None:  # a long clip: each update sees a window of it (tav.windows layout)
+        clip_mean, clip_std = mean.asnumpy(), std.asnumpy()
+        latent_shape = (latent_shape[0], frames_per_step) + latent_shape[2:]
     micro_steps, batch = config.gradient_accumulation_steps, config.train_batch_size
     num_train_timesteps = scheduler.config.num_train_timesteps
 
@@ -521,13 +538,17 @@ def train(config, step_callback=None, parallel=None):
                   dynamic_ncols=True, disable=not main) as bar:
             while global_step < config.max_train_steps:
                 lr = learning_rate_at(config, global_step, parallel.world_size)
+                step_mean, step_std = mean, std
+                if frames_per_step is not None:
+                    frames = noise.draw_frames(clip_mean.shape[2], frames_per_step)
+                    step_mean, step_std = ms.Tensor(clip_mean[:, :, frames]), ms.Tensor(clip_std[:, :, frames])
                 posterior_noise, step_noise, timesteps = noise.draw(micro_steps, batch * parallel.world_size,
                                                                     latent_shape, num_train_timesteps)
                 rows = parallel.rows(batch)
                 posterior_noise, step_noise, timesteps = (np.ascontiguousarray(draw[:, rows]) for draw in
                                                           (posterior_noise, step_noise, timesteps))
                 started = time.perf_counter()
-                loss, finite, norm = train_step.report(mean, std, ms.Tensor(posterior_noise), ms.Tensor(step_noise),
+                loss, finite, norm = train_step.report(step_mean, step_std, ms.Tensor(posterior_noise), ms.Tensor(step_noise),
                                                        ms.Tensor(timesteps), context, ms.Tensor(lr, ms.float32),
                                                        ms.Tensor(loss_scale.scale, ms.float32))
                 seconds = time.perf_counter() - started
@@ -558,7 +579,10 @@ def train(config, step_callback=None, parallel=None):
                 if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps:
                     last_checkpoint = save(global_step)
                 if global_step % config.validation_steps == 0 and config.validation_data.prompts:
-                    latents = scaled_latents(vae, mean, std, posterior_noise[-1, :1])
+                    # The step's posterior sample, as the official validation inverts; with frames_per_step the
+                    # whole clip's posterior mean (the step's sample covers a window only).
+                    latents = scaled_latents(vae, mean, std, np.zeros(mean.shape, np.float32)
+                                             if frames_per_step is not None else posterior_noise[-1, :1])
                     written = run_validation(config, global_step, unet, vae, tokenizer, text_encoder, latents,
                                              plan.compute_dtype, pixels, folder)
                     samples.extend(written)

@@ -59,6 +59,11 @@ class WindowSpec:
         check_window(self.size, self.overlap)
 
 
+def default_overlap(size):
+    """The overlap when none is given: a third of the window, at most size - 3 (what check_window allows)."""
+    return max(0, min(size // 3, size - 3))
+
+
 def as_window(window):
     """None, a WindowSpec, an int (size, no overlap) or a (size, overlap) pair -> WindowSpec or None."""
     if window is None or isinstance(window, WindowSpec):
@@ -95,6 +100,15 @@ def window_frames(start, size, video_length):
     if start <= 1:
         return list(range(0, min(size, video_length))), start
     return [0] + list(range(start - 1, min(start + size - 2, video_length))), 2
+
+
+def random_window_frames(rng, size, video_length):
+    """The frames of one window of `size` at a uniformly drawn start (window_frames' layout: the first `size`
+    frames, or frame 0, frame s-1 and the run from s): what one tuning step on a long clip sees
+    (train_data.frames_per_step), so tuning meets the layout that windowed inversion and sampling feed the UNet.
+    `rng` is a numpy Generator (its draw is part of a resumable run's state)."""
+    start = int(rng.integers(1, video_length - size + 3)) if size < video_length else 0
+    return window_frames(start, size, video_length)[0]
 
 
 def window_frame_table(frames):

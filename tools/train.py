@@ -109,8 +109,8 @@ def main(argv=None):
     from tav.memory_plan import check_run_fits
 
     data = config.train_data  # refused before any weight is loaded when predicted not to fit
-    check_run_fits(config.pretrained_model_path, "train", data.n_sample_frames, data.height, data.width,
-                   "fp16" if config.mixed_precision == "fp16" else "fp32", args.max_device_memory,
+    check_run_fits(config.pretrained_model_path, "train", data.frames_per_step or data.n_sample_frames, data.height,
+                   data.width, "fp16" if config.mixed_precision == "fp16" else "fp32", args.max_device_memory,
                    config.gradient_checkpointing)
     train(config, parallel=parallel)
 
