@@ -333,14 +333,22 @@ def zip_folder(folder, path):
     return str(path)
 
 
-def run_edit(request, scorers=None):
+def run_edit(request, scorers=None, progress=None):
     """Invert the clip (or reuse the cached inversion), sample every prompt (tav.generate.run_sampling), then per
     prompt the source|edit grid and the frames zip; scored when `scorers` (tav.evaluation.Scorers) are given.
-    Returns [EditOutput], also recorded in the edit folder's edits.json."""
+    `progress` (JobProgress) says which phase and DDIM step is running. Returns [EditOutput], also recorded in the
+    edit folder's edits.json."""
     from tav.evaluation import read_frames
     from tav.generate import run_sampling
 
-    written = run_sampling(request)
+    def on_step(phase, step, total):
+        progress.message = f"{phase}, DDIM step {step}/{total}"
+
+    if progress is not None:
+        progress.state, progress.message = "editing", "loading the model"
+    written = run_sampling(request, step_callback=None if progress is None else on_step)
+    if progress is not None:
+        progress.message = "writing the grids and downloads"
     source = video_io.read_video_frames(request.video, request.video_length, request.sample_start_idx,
                                         request.sample_frame_rate, request.height, request.width)
     outputs = []
@@ -355,6 +363,8 @@ def run_edit(request, scorers=None):
             output.scores = scorers.score(edit_frames, prompt)
         outputs.append(output)
     write_json_atomic([dataclasses.asdict(o) for o in outputs], os.path.join(request.output_dir, RECORD_NAME))
+    if progress is not None:
+        progress.state, progress.message = "done", f"{len(outputs)} edit(s)"
     return outputs
 
 

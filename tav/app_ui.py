@@ -98,13 +98,30 @@ def build_app(work_dir, scorers=None):
                 int(window) if window else None, int(window_overlap) if window and window_overlap else None),
                 work_dir)
         except Exception as exc:  # noqa: BLE001
-            return user_error_text(exc), [], [], []
-        outputs = app.run_edit(request, scorers)
+            yield user_error_text(exc), [], [], []
+            return
+        progress, outcome, keep = app.JobProgress(), {}, gr.update()
+
+        def work():
+            try:
+                outcome["outputs"] = app.run_edit(request, scorers, progress)
+            except Exception as exc:  # noqa: BLE001 - reported below, in the page
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=work, name="tav-edit", daemon=True)
+        thread.start()
+        while thread.is_alive():  # the phase and DDIM step, as the tune tab shows its steps
+            yield f"{progress.summary()} ({time.time() - started:.0f} s)", keep, keep, keep
+            thread.join(POLL_SECONDS)
+        if "error" in outcome:
+            yield user_error_text(outcome["error"]), [], [], []
+            return
+        outputs = outcome["outputs"]
         text = f"done: {len(outputs)} edit(s) in {time.time() - started:.0f} s, in {request.output_dir}"
         if scorers:
             text += "\n\n" + app.scores_table(outputs)
-        return (text, [(o.mp4, o.prompt) for o in outputs], [(o.grid, o.prompt) for o in outputs],
-                [path for o in outputs for path in (o.mp4, o.gif, o.frames_zip)])
+        yield (text, [(o.mp4, o.prompt) for o in outputs], [(o.grid, o.prompt) for o in outputs],
+               [path for o in outputs for path in (o.mp4, o.gif, o.frames_zip)])
 
     def evaluate(model):
         try:

@@ -200,8 +200,9 @@ def request_from_config(config_path, **overrides):
     return SampleRequest(**values)
 
 
-def run_sampling(request, pipeline=None):
-    """Serve a SampleRequest; returns the list of written files. A prebuilt `pipeline` skips loading."""
+def run_sampling(request, pipeline=None, step_callback=None):
+    """Serve a SampleRequest; returns the list of written files. A prebuilt `pipeline` skips loading.
+    `step_callback(phase, step, total)` runs after every DDIM step: phase "inversion", then "prompt k/N" (1-based)."""
     request.validate()
     started = time.time()
     if pipeline is None:
@@ -222,7 +223,9 @@ def run_sampling(request, pipeline=None):
             pipeline, request.video, request.video_length, request.height, request.width, request.num_inv_steps,
             start=request.sample_start_idx, stride=request.sample_frame_rate, prompt=inversion_prompt,
             seed=request.seed, cache_dir=request.cache_dir or os.path.join(request.output_dir, "inv_latents"),
-            progress=request.progress, window=request.window_spec())
+            progress=request.progress, window=request.window_spec(),
+            callback=None if step_callback is None else
+            (lambda i, t, x: step_callback("inversion", i + 1, request.num_inv_steps)))
         logger.info("inverted latents: %s", cached)
     elif request.inv_latents is not None:
         latents = load_inverted_latents(request.inv_latents)
@@ -231,10 +234,14 @@ def run_sampling(request, pipeline=None):
 
     written, prompt_of = [], {}
     for p, prompt in enumerate(request.prompts):
+        on_step = None
+        if step_callback is not None:
+            def on_step(index, i, t, x, phase=f"prompt {p + 1}/{len(request.prompts)}"):
+                step_callback(phase, i + 1, request.num_inference_steps)
         videos = pipeline(prompt, request.video_length, request.height, request.width, request.num_inference_steps,
                           request.guidance_scale, request.negative_prompt, request.num_videos_per_prompt,
                           request.eta, latents=latents, seed=request.seed + p * request.num_videos_per_prompt,
-                          progress=request.progress, window=request.window_spec())
+                          progress=request.progress, window=request.window_spec(), callback=on_step)
         paths = video_io.write_prompt_videos(videos, prompt, request.output_dir, request.fmt, request.fps)
         prompt_of.update({path: prompt for path in paths})
         written += paths

@@ -192,25 +192,27 @@ class TuneAVideoPipeline:
         return video_to_latents(self.vae, pixels, sample=sample, noise_seed=seed if sample else None,
                                 chunk_size=self.vae_chunk_size)
 
-    def invert(self, latents, num_inv_steps=50, prompt="", progress=False, window=None):
+    def invert(self, latents, num_inv_steps=50, prompt="", progress=False, window=None, callback=None):
         """DDIM inversion conditioned on `prompt` ("" = the official empty prompt); returns the whole walk.
-        `window` (tav.windows.WindowSpec or (size, overlap)): the UNet runs on overlapping windows of frames."""
+        `window` (tav.windows.WindowSpec or (size, overlap)): the UNet runs on overlapping windows of frames.
+        `callback(i, t, latents)` runs after every step."""
         context = self.encode_text([prompt] * latents.shape[0])
         return ddim_invert(self.unet, self.scheduler, latents, context, num_inv_steps, progress=progress,
-                           window=window)
+                           window=window, callback=callback)
 
     def decode(self, latents):
         return latents_to_video(self.vae, latents, chunk_size=self.vae_chunk_size).asnumpy()
 
     def __call__(self, prompts, video_length, height=None, width=None, num_inference_steps=50, guidance_scale=7.5,
                  negative_prompt=None, num_videos_per_prompt=1, eta=0.0, latents=None, seed=None, progress=False,
-                 output_type="np", window=None):
+                 output_type="np", window=None, callback=None):
         """Sample videos, one per prompt and per `num_videos_per_prompt`, returned as float32 (N, 3, F, H, W)
         in [0, 1] (or latents with output_type="latent").
 
         `latents` (1 or N, 4, F, h, w), e.g. inverted source latents, is the start for every video; otherwise each
         video starts from N(0, 1) noise drawn from `seed` (video k uses seed + k). `window` (tav.windows.WindowSpec
         or (size, overlap)): every step runs the UNet on overlapping windows of frames (docs/long-videos.md).
+        `callback(index, i, t, latents)` runs after every DDIM step of video `index`.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         height, width = self.check_request(prompts, video_length, height, width, latents, num_videos_per_prompt)
@@ -231,7 +233,8 @@ class TuneAVideoPipeline:
                                             self.scheduler.init_noise_sigma)
                 final = denoise(self.unet, self.scheduler, start, cond, uncond, num_inference_steps, guidance_scale,
                                 eta=eta, noise_seed=None if seed is None else seed + index, progress=progress,
-                                window=window)
+                                window=window, callback=None if callback is None else
+                                (lambda i, t, x, index=index: callback(index, i, t, x)))
                 outputs.append(final if output_type == "latent" else self.decode(final))
         if output_type == "latent":
             return ms.ops.cat(outputs, 0)
@@ -285,9 +288,10 @@ def inversion_request(pipeline, video_path, n_frames, start, stride, height, wid
 
 
 def invert_video(pipeline, video_path, n_frames, height, width, num_inv_steps=50, start=0, stride=1, prompt="",
-                 seed=0, cache_dir=None, progress=False, window=None):
+                 seed=0, cache_dir=None, progress=False, window=None, callback=None):
     """Inverted latents (1, 4, F, h, w) of a clip, reused from `cache_dir` when the same request was served.
-    `window` (tav.windows.WindowSpec) inverts in overlapping windows of frames; it is part of the cache key."""
+    `window` (tav.windows.WindowSpec) inverts in overlapping windows of frames; it is part of the cache key.
+    `callback(i, t, latents)` runs after every inversion step (not at all when the cache serves it)."""
     request = inversion_request(pipeline, video_path, n_frames, start, stride, height, width, num_inv_steps,
                                 prompt, seed)
     window = as_window(window)
@@ -300,7 +304,8 @@ def invert_video(pipeline, video_path, n_frames, height, width, num_inv_steps=50
             return ms.Tensor(checkpoint.read_state_dict(cached)["latents"]).astype(pipeline.dtype), cached
     pixels = load_video(video_path, n_frames, start, stride, height, width)
     latents = pipeline.encode_video(pixels, seed=seed)
-    inverted = pipeline.invert(latents, num_inv_steps, prompt=prompt, progress=progress, window=window)[-1]
+    inverted = pipeline.invert(latents, num_inv_steps, prompt=prompt, progress=progress, window=window,
+                               callback=callback)[-1]
     saved = None
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)

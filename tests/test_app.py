@@ -68,6 +68,23 @@ def test_cancel_stops_the_run_and_leaves_no_model(work):
     assert [m.name for m in app.list_tuned_models(work_dir)] == []
 
 
+class MessageLog(app.JobProgress):
+    """A JobProgress that keeps every message it was given (the page shows the latest)."""
+
+    def __init__(self):
+        self.messages = []
+        super().__init__()
+
+    @property
+    def message(self):
+        return self.messages[-1] if self.messages else ""
+
+    @message.setter
+    def message(self, text):
+        if text:
+            self.messages.append(text)
+
+
 def test_tune_then_two_edits_invert_the_clip_once(work):
     work_dir, clip = work
     progress = app.JobProgress()
@@ -76,8 +93,13 @@ def test_tune_then_two_edits_invert_the_clip_once(work):
     assert [m.name for m in app.list_tuned_models(work_dir)] == ["tuned"]
 
     edit = app.EditSettings("tuned", ["a red square", "a blue ball"], steps=2, seed=0)
-    outputs = app.run_edit(app.edit_request(edit, work_dir, stamp="first"))
+    progress = MessageLog()
+    outputs = app.run_edit(app.edit_request(edit, work_dir, stamp="first"), progress=progress)
     assert [o.prompt for o in outputs] == edit.prompts
+    assert progress.messages == ["loading the model", "inversion, DDIM step 1/2", "inversion, DDIM step 2/2",
+                                 "prompt 1/2, DDIM step 1/2", "prompt 1/2, DDIM step 2/2", "prompt 2/2, DDIM step 1/2",
+                                 "prompt 2/2, DDIM step 2/2", "writing the grids and downloads", "2 edit(s)"]
+    assert progress.state == "done"
     for output in outputs:
         assert read_frames(output.mp4).shape[:3] == (4, 32, 32)
         assert read_frames(output.grid).shape[:3] == (4, 32, 32 + 2 + 32)
