@@ -8,8 +8,8 @@ Methods:
   b  no tuning: the pretrained model inflated, sampled from the same inverted noise as (a)
   c  tuning, sampled from random noise instead of the inversion
   d  tuning without attn_temp, the temporal attention's output switched off (zeroed) when inverting and sampling
-  e  the tuned model of (a) with full attention over all frames in attn1 instead of sparse-causal, when inverting
-     and sampling (train() builds its own UNet, so the tuning itself stays sparse-causal)
+  e  full attention over all frames in attn1 instead of sparse-causal, in tuning (frame_policy: full), inversion
+     and sampling (the delta carries the policy)
 """
 import argparse
 import json
@@ -24,11 +24,6 @@ from tav import world  # noqa: E402
 from tav import world_demo  # noqa: E402
 
 METHODS = ("a", "b", "c", "d", "e")
-
-
-def full_attention_table(video_length):
-    """Every frame's attn1 attends to every frame."""
-    return np.tile(np.arange(video_length, dtype=np.int32), (video_length, 1))
 
 
 def switch_off_temporal_attention(unet):
@@ -57,7 +52,6 @@ def cases(n_clips, seed=0):
 
 
 def run_case(model_dir, work_dir, clip, edits, methods=METHODS, seed=0, steps=25):
-    from tav.models.attention import set_frame_policy
     from tav.video import frames_to_pixel_values
     from tav.pipeline import TuneAVideoPipeline
 
@@ -74,8 +68,9 @@ def run_case(model_dir, work_dir, clip, edits, methods=METHODS, seed=0, steps=25
         outputs["c"] = world_demo.to_uint8_frames(tuned(prompts, video_length=len(clip.frames), height=64, width=64,
                                                         num_inference_steps=steps, seed=seed + 7))
     if "e" in methods:
-        full = TuneAVideoPipeline.from_pretrained(model_dir, unet=delta)
-        set_frame_policy(full.unet, full_attention_table)
+        delta_e = world_demo.tune(model_dir, clip_path, clip.caption, os.path.join(work_dir, "tuned-full"),
+                                  overrides=["frame_policy=full"])
+        full = TuneAVideoPipeline.from_pretrained(model_dir, unet=delta_e)
         outputs["e"] = world_demo.edit_clip(full, clip.frames, clip.caption, prompts, seed=seed)
     if "b" in methods:
         base = TuneAVideoPipeline.from_pretrained(model_dir, init_seed=seed)

@@ -33,6 +33,8 @@ tav's own keys (all optional):
     lora_modules            the Linears that get adapters, as module-name suffixes (default attn1.to_q, attn2.to_q;
                             add attn1.to_k, attn2.to_v, attn1.to_out, attn_temp, ...)
     lora_alpha              the adapters' scale is lora_alpha / lora_rank (null: lora_rank, scale 1)
+    frame_policy            sparse_causal (the paper's: frame 0 and the previous frame) or full (every frame; the
+                            paper's ablation); the delta records it and loading it sets it again
     prediction_type, tokenizer_from, config_from, converted_cache_dir
                             for a pretrained_model_path that is one checkpoint file (docs/checkpoints.md): what its
                             tensors cannot tell, and where its converted folder is kept (null: a temporary folder)
@@ -53,6 +55,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tav.checks import SIZE_RULE, describe_range, in_range, is_int, is_pixel_size
 from tav.kernels import ATTENTION_BACKENDS
+from tav.models.attention import FRAME_POLICIES
 from tav.video import WRITE_FORMATS
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -146,6 +149,7 @@ class TrainConfig:
     lora_rank: Optional[int] = None
     lora_modules: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_MODULES))
     lora_alpha: Optional[float] = None
+    frame_policy: str = "sparse_causal"  # the frames attn1 attends to (tav.models.attention.FRAME_POLICIES)
     # A single-file pretrained_model_path (docs/checkpoints.md): what its tensors cannot tell, and where to keep
     # the converted diffusers folder (None: a temporary folder removed at exit). A folder takes none of these.
     prediction_type: Optional[str] = None
@@ -463,6 +467,8 @@ def _check_ranges(config, origin):
          f"one of {', '.join(ATTENTION_BACKENDS)}", config.attention_backend)
     need(config.device_target is None or config.device_target.lower() in ("cpu", "gpu", "ascend"), "device_target",
          "CPU, GPU or Ascend", config.device_target)
+    need(config.frame_policy in FRAME_POLICIES, "frame_policy", f"one of {', '.join(FRAME_POLICIES)}",
+         config.frame_policy)
     need(config.mode in (0, 1), "mode", "0 (graph) or 1 (pynative)", config.mode)
     need(config.jit_level in (None, "O0", "O1", "O2"), "jit_level", "O0, O1 or O2", config.jit_level)
     need(config.checkpoints_total_limit is None or config.checkpoints_total_limit >= 1, "checkpoints_total_limit",

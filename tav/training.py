@@ -207,6 +207,7 @@ def load_models(config, plan, seed, folder=None):
     """(unet, vae, tokenizer, text_encoder, scheduler) of `folder` (base_model_folder(config) when None), through
     the pipeline's loaders; the UNet in fp32 (its trainable tensors' fp32 values become the optimiser's masters), the frozen parts
     in the compute dtype."""
+    from tav.models.attention import FRAME_POLICIES, set_frame_policy
     from tav.pipeline import load_frozen_parts, load_unet
 
     folder = folder or base_model_folder(config)
@@ -214,6 +215,7 @@ def load_models(config, plan, seed, folder=None):
         # The fresh temporal layers are drawn from `seed` (the official seeds torch before from_pretrained_2d),
         # not from MindSpore's global RNG: the same config gives the same start in any process.
         unet = load_unet(folder, attention_backend=config.resolved_attention_backend(), init_seed=seed)
+        set_frame_policy(unet, FRAME_POLICIES[config.frame_policy])
         vae, text_encoder, tokenizer, scheduler = load_frozen_parts(folder, plan.compute_dtype)
     except checkpoint.CheckpointError as exc:
         raise ConfigError(f"{config.where('pretrained_model_path')}: cannot load the base model from "

@@ -56,8 +56,16 @@ def sparse_causal_frame_table(video_length):
     return np.stack([np.zeros_like(frames), np.maximum(frames - 1, 0)], axis=1).astype(np.int32)
 
 
+def full_frame_table(video_length):
+    """Every frame's attn1 attends to every frame of the video (the paper's "full attention" ablation): an int32
+    table (video_length, video_length); its cost grows with the square of the frames."""
+    return np.tile(np.arange(video_length, dtype=np.int32), (video_length, 1))
+
+
 # The policy every SparseCausalAttention uses unless given another (set_frame_policy changes a built model's).
 DEFAULT_FRAME_POLICY = sparse_causal_frame_table
+# The policies a training config may name (its frame_policy key; the delta records it for loading).
+FRAME_POLICIES = {"sparse_causal": sparse_causal_frame_table, "full": full_frame_table}
 
 
 def checked_frame_table(policy, video_length):
