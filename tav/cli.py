@@ -26,6 +26,7 @@ USER_ERRORS = (
     ("tav.backend", "DeviceConfigError"),
     ("tav.backend", "DeviceUnavailableError"),
     ("tav.memory_plan", "PlanError"),
+    ("tav.world", "WorldError"),
 )
 # Standard exceptions that mean a bad input too: a path the user named that does not exist.
 BUILTIN_USER_ERRORS = (FileNotFoundError,)

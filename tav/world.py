@@ -32,6 +32,10 @@ _SUPERSAMPLE = 4
 MASK_THRESHOLD = 60.0
 
 
+class WorldError(ValueError):
+    """A scene, caption, frame count or path that the world does not have; the message says what it has."""
+
+
 @dataclass(frozen=True)
 class Scene:
     color: str
@@ -42,7 +46,7 @@ class Scene:
         for value, allowed, what in ((self.color, COLORS, "color"), (self.shape, SHAPES, "shape"),
                                      (self.background, BACKGROUNDS, "background")):
             if value not in allowed:
-                raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
+                raise WorldError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
 
     @property
     def caption(self):
@@ -57,7 +61,7 @@ def parse_caption(text):
     """`a {color} {shape} on a {background} background` -> Scene; a ValueError for anything else."""
     words = text.strip().lower().split()
     if len(words) != 7 or words[0] != "a" or words[3:5] != ["on", "a"] or words[6] != "background":
-        raise ValueError(f"not a caption of the world: {text!r}; expected 'a {{color}} {{shape}} on a "
+        raise WorldError(f"not a caption of the world: {text!r}; expected 'a {{color}} {{shape}} on a "
                          f"{{background}} background'")
     return Scene(words[1], words[2], words[5])
 
@@ -82,7 +86,7 @@ def _coverage(shape, cx, cy):
         t = (dy + _HALF) / OBJECT_SIZE
         inside = (t >= 0) & (t <= 1) & (np.abs(dx) <= _HALF * t)
     else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+        raise WorldError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
     return inside.reshape(FRAME_SIZE, _SUPERSAMPLE, FRAME_SIZE, _SUPERSAMPLE).mean(axis=(1, 3))
 
 
@@ -90,7 +94,7 @@ def render_frame(scene, center):
     """One (64, 64, 3) uint8 frame of `scene` with the object's box centred at `center` = (x, y) in pixels."""
     cx, cy = float(center[0]), float(center[1])
     if not (CENTER_MIN <= cx <= CENTER_MAX and CENTER_MIN <= cy <= CENTER_MAX):
-        raise ValueError(f"centre {center} puts the 16x16 object outside the frame; each coordinate must lie in "
+        raise WorldError(f"centre {center} puts the 16x16 object outside the frame; each coordinate must lie in "
                          f"[{CENTER_MIN}, {CENTER_MAX}]")
     alpha = _coverage(scene.shape, cx, cy)[..., None]
     background = np.array(BACKGROUNDS[scene.background], np.float64)
@@ -117,9 +121,9 @@ def random_path(rng, n_frames, max_speed=MAX_SPEED, kind=None, tries=1000):
     """(n_frames, 2) object centres along a line or an arc ('line'/'arc', random if None), each step at most
     `max_speed` px, every centre inside [CENTER_MIN, CENTER_MAX]; drawn until a path fits."""
     if not MIN_FRAMES <= n_frames <= MAX_FRAMES:
-        raise ValueError(f"a clip has {MIN_FRAMES}-{MAX_FRAMES} frames, got {n_frames}")
+        raise WorldError(f"a clip has {MIN_FRAMES}-{MAX_FRAMES} frames, got {n_frames}")
     if not 0 < max_speed <= MAX_SPEED:
-        raise ValueError(f"max_speed must be in (0, {MAX_SPEED}], got {max_speed}")
+        raise WorldError(f"max_speed must be in (0, {MAX_SPEED}], got {max_speed}")
     kind = str(rng.choice(["line", "arc"])) if kind is None else kind
     steps = np.arange(n_frames)
     for _ in range(tries):
@@ -136,7 +140,7 @@ def random_path(rng, n_frames, max_speed=MAX_SPEED, kind=None, tries=1000):
             phase = rng.uniform(0, 2 * np.pi) + omega * steps
             path = pivot + radius * np.stack([np.cos(phase), np.sin(phase)], axis=1)
         else:
-            raise ValueError(f"path kind must be 'line' or 'arc', got {kind!r}")
+            raise WorldError(f"path kind must be 'line' or 'arc', got {kind!r}")
         if path.min() >= CENTER_MIN and path.max() <= CENTER_MAX:
             return path
     raise RuntimeError(f"no {kind} path of {n_frames} frames fitted in {tries} draws")
