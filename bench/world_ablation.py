@@ -93,6 +93,9 @@ def main(argv=None):
     parser.add_argument("--work_dir", default="demo_outputs/world-ablation")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    from tav import backend
+
+    backend.configure(device_target="CPU", mode=0)  # and MindSpore's CPU threads to the cores available
     totals = {m: [] for m in args.methods}
     for i, (clip, edits) in enumerate(cases(args.clips)):
         result = run_case(args.model_dir, os.path.join(args.work_dir, f"clip{i}"), clip, edits, args.methods)

@@ -43,6 +43,9 @@ def main(argv=None):
     parser.add_argument("--images_per_caption", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the table here")
     args = parser.parse_args(argv)
+    from tav import backend
+
+    backend.configure(device_target="CPU", mode=0)  # and MindSpore's CPU threads to the cores available
     rows, fraction = measure(args.pipeline_dir, args.steps, args.guidance, args.seed, args.images_per_caption)
     print(f"{'caption':45s} {'read as':40s} right")
     for caption, readings in rows.items():
