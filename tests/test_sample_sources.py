@@ -58,9 +58,9 @@ def test_from_pretrained_takes_a_single_file_in_each_container(tiny, ldm_state, 
     assert pipeline.identity["pretrained_model_path"] == os.path.abspath(path)  # not the temporary folder
 
 
-@pytest.mark.parametrize("kind", CONTAINERS)
-def test_the_tool_samples_the_same_videos_from_a_single_file(sample_tool, tiny, ldm_state, tmp_path, kind, pynative):
-    path = write_container(kind, ldm_state, str(tmp_path))
+def test_the_tool_samples_the_same_videos_from_a_single_file(sample_tool, tiny, ldm_state, tmp_path, pynative):
+    """One container end to end (the loader test above shows the three give the same modules)."""
+    path = write_container("safetensors", ldm_state, str(tmp_path))
     expected = written_frames(generate.run_sampling(tool_request(sample_tool, tiny, tmp_path / "folder")))
     got = written_frames(generate.run_sampling(
         tool_request(sample_tool, path, tmp_path / "file", "--config_from", tiny, "--tokenizer_from",
