@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .stamps/install
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-slow test-all demo bench clean
 
 install: $(STAMP)
 
@@ -15,7 +15,16 @@ $(STAMP): requirements.txt requirements-parity.txt setup.py
 	$(PIP) install -q --no-deps -e .
 	@mkdir -p .stamps && touch $(STAMP)
 
+# `make test` is the suite a change is checked with (a few minutes); the slow tier (tests/conftest.py SLOW_TESTS:
+# msrun, LOVEU, the Ascend emulation's compiled graphs, large graph-mode parity) runs in `make test-slow`, and CI
+# runs both (.ci/run).
 test: install
+	$(PYTHON) -m pytest -q tests -m "not slow"
+
+test-slow: install
+	$(PYTHON) -m pytest -q tests -m slow
+
+test-all: install
 	$(PYTHON) -m pytest -q tests
 
 demo: install
