@@ -98,14 +98,9 @@ def pytest_terminal_summary(terminalreporter, config):
 @pytest.fixture(scope="module")
 def sample_tool():
     """tools/sample.py as a module, so tests call its parse_args/build_request/main directly."""
-    import importlib.util
+    from tests.helpers import load_tool
 
-    from tests.helpers import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("sample_tool", REPO_ROOT / "tools" / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("sample")
 
 
 @pytest.fixture

@@ -38,6 +38,16 @@ def in_mode(mode):
         ms.set_context(mode=previous)
 
 
+def load_tool(name):
+    """tools/<name>.py as a module, so tests call its parse_args / main / helpers directly in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO_ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_tool(name, *args, timeout=600, cwd=None):
     """Run tools/<name>.py in a fresh interpreter (its own process state, as a user runs it); returns the
     CompletedProcess with text stdout and stderr."""

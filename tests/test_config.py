@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tav.config import ConfigError, check_input_paths, config_from_dict, load_train_config
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, load_tool
 
 OFFICIAL = ("man-skiing", "man-surfing", "rabbit-watermelon")
 SHIPPED = ("car-turn", "man-skiing", "man-surfing", "rabbit-watermelon", "tiny")
@@ -189,11 +189,7 @@ def test_command_line_reports_an_unknown_key_without_a_traceback(tmp_path):
 
 
 def test_command_line_flags_become_overrides():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_tool", REPO_ROOT / "tools" / "train.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("train")
     args = tool.parse_args(["--config", "c.yaml", "max_train_steps=3", "--device_target", "Ascend", "--mode", "1",
                             "--jit_level", "O1", "--resume_from_checkpoint", "latest"])
     assert tool.command_line_overrides(args) == ["max_train_steps=3", "device_target=Ascend", "mode=1",

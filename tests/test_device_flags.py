@@ -1,20 +1,11 @@
 """Device settings (issue 12): jit level through the current API, DEVICE_ID / --device_id, a device whose backend
 cannot load, and the tools' device flags."""
-import importlib.util
-
 import pytest
 
 import mindspore as ms
 
 from tav import backend
-from tests.helpers import REPO_ROOT
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO_ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_tool
 
 
 @pytest.fixture

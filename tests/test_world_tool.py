@@ -1,18 +1,14 @@
 """tools/world.py: a seeded clip of the world on disk, and the pixel reader's verdict on an edit of it."""
-import importlib.util
 import json
 
 import pytest
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import load_tool
 
 
 @pytest.fixture(scope="module")
 def world_tool():
-    spec = importlib.util.spec_from_file_location("world_tool", REPO_ROOT / "tools" / "world.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_tool("world")
 
 
 def test_a_clip_is_written_and_judged_against_itself(world_tool, tmp_path, capsys):
