@@ -13,11 +13,12 @@ clip's length; only the clip's VAE posterior (4 x F x h x w floats, encoded once
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from bench.measure import print_case_result, run_case_in_fresh_process  # noqa: E402
 
 
 def run_case(case):
@@ -26,28 +27,21 @@ def run_case(case):
 
     config = get_config("small").with_overrides(frames=case["frames"], threads=case["threads"])
     result = run(case, config)
-    print("RESULT " + json.dumps(result), flush=True)
+    print_case_result(result)
 
 
 def spawn(case, timeout):
-    env = dict(os.environ, OMP_NUM_THREADS=str(case["threads"]), PYTHONPATH=REPO)
-    try:
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--case", json.dumps(case)], env=env,
-                              capture_output=True, text=True, cwd=REPO, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(case, error=f"timed out after {timeout:.0f} s")
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        return dict(case, error=" / ".join((done.stderr or done.stdout).strip().splitlines()[-3:]))
-    return dict(case, **json.loads(lines[-1][len("RESULT "):]))
+    result = run_case_in_fresh_process(__file__, case, timeout, tail_lines=3)
+    return result if "error" in result else dict(case, **result)
 
 
 def table(results):
-    rows = ["| frames | recompute | peak RSS MiB | vs no recompute | step s | vs no recompute |", "|---|---|---|---|---|---|"]
+    rows = ["| frames | recompute | peak RSS MiB | vs no recompute | step s | vs no recompute |",
+            "|---|---|---|---|---|---|"]
     plain = {r["frames"]: r for r in results if not r["recompute"] and "error" not in r}
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['frames']} | {'on' if r['recompute'] else 'off'} | error: {r['error']} | | | |")
+            rows.append(f"| {r['frames']} | {'on' if r['recompute'] else 'off'} | error: {' / '.join(r['error'].splitlines())} | | | |")
             continue
         base = plain.get(r["frames"])
         memory = f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base and r["recompute"] else "-"

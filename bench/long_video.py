@@ -14,13 +14,14 @@ whose activations grow with frames; `base` is the RSS after the model is built, 
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from bench.measure import print_case_result, run_case_in_fresh_process  # noqa: E402
 
 WINDOW, OVERLAP = 24, 8
 PROMPTS = ("a red disc is moving", "a ball is moving, cartoon style")
@@ -103,25 +104,15 @@ def small_case(case):
 def run_case(case):
     from tav import backend
 
-    backend.configure(device_target="CPU", mode=0)
-    import mindspore as ms
-
-    ms.device_context.cpu.op_tuning.threads_num(case["threads"])
+    backend.configure(device_target="CPU", mode=0, cpu_threads=case["threads"])  # the op threads, once per process
     result = (tiny_case if case["config"] == "tiny" else small_case)(case)
     result.update(peak_mb=memory_mb("VmHWM"), frames=case["frames"], window=case["window"],
                   overlap=case["overlap"], config=case["config"])
-    print("RESULT " + json.dumps(result), flush=True)
+    print_case_result(result)
 
 
 def spawn(case):
-    env = dict(os.environ, OMP_NUM_THREADS=str(case["threads"]), PYTHONPATH=REPO)
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--case", json.dumps(case)], env=env,
-                          capture_output=True, text=True, cwd=REPO)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-        return dict(case, error="\n".join(tail))
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_case_in_fresh_process(__file__, case)
 
 
 def table(results):

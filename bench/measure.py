@@ -78,3 +78,34 @@ def measure_case(versions, steps, case, config):
     result["peak_rss_built_mb"] = peak_rss_mb()
     result.update(time_step(step, case["warmup"], case["repeats"]))
     return result
+
+
+# One case per fresh interpreter (the scripts' `--case JSON` mode), so each case's peak RSS is its own.
+CASE_RESULT_PREFIX = "RESULT "
+
+
+def print_case_result(result):
+    """What a script's `--case` mode prints last: its result, one JSON line."""
+    import json
+
+    print(CASE_RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_case_in_fresh_process(script, case, timeout=None, tail_lines=5):
+    """Run `python script --case JSON` with case["threads"] OpenMP threads and the repository on the path; returns
+    the result it printed (print_case_result), or dict(case, error=the last lines of its output) when it failed,
+    printed none or ran past `timeout` seconds."""
+    import json
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS=str(case["threads"]), PYTHONPATH=repo)
+    try:
+        done = subprocess.run([sys.executable, os.path.abspath(script), "--case", json.dumps(case)], env=env,
+                              capture_output=True, text=True, cwd=repo, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(case, error=f"timed out after {timeout:.0f} s")
+    lines = [line for line in done.stdout.splitlines() if line.startswith(CASE_RESULT_PREFIX)]
+    if done.returncode != 0 or not lines:
+        return dict(case, error="\n".join((done.stderr or done.stdout).strip().splitlines()[-tail_lines:]))
+    return json.loads(lines[-1][len(CASE_RESULT_PREFIX):])
