@@ -41,7 +41,8 @@ def table(results):
     plain = {r["frames"]: r for r in results if not r["recompute"] and "error" not in r}
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['frames']} | {'on' if r['recompute'] else 'off'} | error: {' / '.join(r['error'].splitlines())} | | | |")
+            error = " / ".join(r["error"].splitlines())
+            rows.append(f"| {r['frames']} | {'on' if r['recompute'] else 'off'} | error: {error} | | | |")
             continue
         base = plain.get(r["frames"])
         memory = f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base and r["recompute"] else "-"

@@ -205,8 +205,8 @@ def _describe_change(recorded, current, key):
 
 def load_models(config, plan, seed, folder=None):
     """(unet, vae, tokenizer, text_encoder, scheduler) of `folder` (base_model_folder(config) when None), through
-    the pipeline's loaders; the UNet in fp32 (its trainable tensors' fp32 values become the optimiser's masters), the frozen parts
-    in the compute dtype."""
+    the pipeline's loaders; the UNet in fp32 (its trainable tensors' fp32 values become the optimiser's masters)
+    with config.frame_policy, the frozen parts in the compute dtype."""
     from tav.models.attention import FRAME_POLICIES, set_frame_policy
     from tav.pipeline import load_frozen_parts, load_unet
 
@@ -457,8 +457,8 @@ def _prepare(config, parallel, seed):
             global_step, losses = state.load_checkpoint(resume_path, unet, optimizer, noise, loss_scale)
         except checkpoint.CheckpointError as exc:
             raise ConfigError(f"{config.source}: cannot resume from {resume_path}: {exc}") from exc
-    return (folder, resume_path, plan, notices, unet, vae, tokenizer, text_encoder, scheduler, pixels, mean, std, context,
-            trainable, keys, identity, optimizer, noise, loss_scale, global_step, losses)
+    return (folder, resume_path, plan, notices, unet, vae, tokenizer, text_encoder, scheduler, pixels, mean, std,
+            context, trainable, keys, identity, optimizer, noise, loss_scale, global_step, losses)
 
 
 def train(config, step_callback=None, parallel=None):
@@ -483,8 +483,8 @@ def train(config, step_callback=None, parallel=None):
     if not parallel.all_agree(refused is None):
         raise refused or ConfigError(f"{config.source}: another data-parallel rank refused the inputs (rank 0's "
                                      f"console and log say why); rank {parallel.rank} stops too")
-    (folder, resume_path, plan, notices, unet, vae, tokenizer, text_encoder, scheduler, pixels, mean, std, context, trainable,
-     keys, identity, optimizer, noise, loss_scale, global_step, losses) = prepared
+    (folder, resume_path, plan, notices, unet, vae, tokenizer, text_encoder, scheduler, pixels, mean, std, context,
+     trainable, keys, identity, optimizer, noise, loss_scale, global_step, losses) = prepared
     main = parallel.is_main
     train_step = TrainStep(unet, optimizer, scheduler, vae.scaling_factor, vae.shift_factor, config.max_grad_norm,
                            plan.compute_dtype, parallel)
@@ -550,8 +550,9 @@ def train(config, step_callback=None, parallel=None):
                 posterior_noise, step_noise, timesteps = (np.ascontiguousarray(draw[:, rows]) for draw in
                                                           (posterior_noise, step_noise, timesteps))
                 started = time.perf_counter()
-                loss, finite, norm = train_step.report(step_mean, step_std, ms.Tensor(posterior_noise), ms.Tensor(step_noise),
-                                                       ms.Tensor(timesteps), context, ms.Tensor(lr, ms.float32),
+                loss, finite, norm = train_step.report(step_mean, step_std, ms.Tensor(posterior_noise),
+                                                       ms.Tensor(step_noise), ms.Tensor(timesteps), context,
+                                                       ms.Tensor(lr, ms.float32),
                                                        ms.Tensor(loss_scale.scale, ms.float32))
                 seconds = time.perf_counter() - started
                 if not math.isfinite(loss) or not finite:

@@ -47,7 +47,8 @@ SLOW_TESTS = (
     "tests/test_bench_smoke.py",
     "tests/test_app.py::test_cancel_stops_the_run",
     "tests/test_app.py::test_tune_then_two_edits",
-    "tests/test_ascend_emulation.py::test_fp16_unet_on_an_emulated_910b_runs_flash_attention_and_agrees_with_the_cpu_path[graph]",
+    "tests/test_ascend_emulation.py::test_fp16_unet_on_an_emulated_910b_runs_flash_attention_and_agrees_with_the_"
+    "cpu_path[graph]",
     "tests/test_ascend_emulation.py::test_unet_gradients_under_the_emulation",
     "tests/test_ascend_emulation.py::test_compiled_update_with_fp16_parameters",
     "tests/test_ascend_emulation.py::test_sampling_tool_runs_end_to_end",
@@ -74,8 +75,9 @@ SLOW_TESTS = (
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark the slow tier (SLOW_TESTS); then, without ../shared/data, leave out the tests that need the real clips, and say so in the summary: a clone
-    with nothing beside it runs everything else, and reports no skip that would hide a test that should run."""
+    """Mark the slow tier (SLOW_TESTS); then, without ../shared/data, leave out the tests that need the real clips,
+    and say so in the summary: a clone with nothing beside it runs everything else, and reports no skip that would
+    hide a test that should run."""
     for item in items:
         if item.nodeid.startswith(SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
