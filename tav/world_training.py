@@ -170,16 +170,18 @@ def vae_training_ops():
             os.environ[backend.NATIVE_KERNELS_ENV] = previous
 
 
-def train_vae(steps, batch_size=16, lr=1e-3, kl_weight=1e-6, seed=0, log_every=10):
+def train_vae(steps, batch_size=16, lr=1e-3, kl_weight=1e-6, seed=0, log_every=10, vae=None):
+    """Train a fresh VAE (or go on training `vae`, with its own warmup and cosine schedule) for `steps` steps."""
     with vae_training_ops():
-        return _train_vae(steps, batch_size, lr, kl_weight, seed, log_every)
+        return _train_vae(steps, batch_size, lr, kl_weight, seed, log_every, vae)
 
 
-def _train_vae(steps, batch_size, lr, kl_weight, seed, log_every):
+def _train_vae(steps, batch_size, lr, kl_weight, seed, log_every, vae):
     from tav.models.vae import AutoencoderKL
 
     ms.set_seed(seed)
-    vae = AutoencoderKL(dict(WORLD_VAE_CONFIG))
+    if vae is None:
+        vae = AutoencoderKL(dict(WORLD_VAE_CONFIG))
     weights = list(vae.trainable_params())
     step_fn = GradStep(VAELoss(vae, kl_weight), weights)
     optimizer = _optimizer(weights, steps, lr, warmup=min(100, steps // 10 + 1))
@@ -288,9 +290,11 @@ def save_unet_2d(unet, folder):
 
 
 def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_size=20000, command=None,
-                      vae_batch=16, unet_batch=32, vae_from=None):
+                      vae_batch=16, unet_batch=32, vae_from=None, vae_refine_steps=0, vae_refine_lr=3e-4):
     """Write a trained world pipeline folder into `output_dir` (see the module docstring); returns its record.
-    `vae_from`: a VAE folder this function wrote before (same seed and steps), reused instead of stage 1."""
+    `vae_from`: a VAE folder this function wrote before (same seed and steps), reused instead of stage 1.
+    `vae_refine_steps`: then go on training the VAE that many steps at the lower peak `vae_refine_lr` (a second
+    cosine schedule; the L1 + MSE loss was still falling, and sharper corners are what tell squares from circles)."""
     from tav.models.vae import AutoencoderKL
     from tav.schedulers import DDIMScheduler
 
@@ -300,8 +304,13 @@ def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_
     embeddings = caption_embeddings(output_dir)
     alphas_cumprod = DDIMScheduler.from_config(os.path.join(output_dir, "scheduler")).alphas_cumprod
 
-    vae = AutoencoderKL.from_pretrained(vae_from) if vae_from else train_vae(vae_steps, batch_size=vae_batch,
-                                                                              seed=seed)
+    if vae_from:
+        with vae_training_ops():  # built with the ops a refine's training graph needs
+            vae = AutoencoderKL.from_pretrained(vae_from)
+    else:
+        vae = train_vae(vae_steps, batch_size=vae_batch, seed=seed)
+    if vae_refine_steps:
+        vae = train_vae(vae_refine_steps, batch_size=vae_batch, lr=vae_refine_lr, seed=seed + 3, vae=vae)
     vae_seconds = time.time() - started
     bank = encode_bank(vae, bank_size, seed + 2)
     scaling_factor = 1.0 / float(np.sqrt((bank[0] ** 2).mean() + (bank[1] ** 2).mean()))
@@ -320,6 +329,8 @@ def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_
         "unet_batch_size": unet_batch,
         "bank_size": bank_size,
         "vae_reused_from": vae_from,
+        "vae_refine_steps": vae_refine_steps,
+        "vae_refine_lr": vae_refine_lr,
         "scaling_factor": scaling_factor,
         "train_seconds": round(time.time() - started, 1),
     }

@@ -156,3 +156,26 @@ def test_the_vae_training_graph_gives_the_eager_gradients_run_after_run():
             eager = _scale_gradients(net, inputs, compiled=False)
     for run, (a, b) in enumerate(zip(compiled, eager)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7, err_msg=f"run {run + 1}")
+
+
+def test_a_retrain_writes_a_loadable_pipeline_and_a_refine_goes_on_from_a_reused_vae(tmp_path):
+    """tools/make_world_model.py --retrain's path at toy sizes: the folder loads as a pipeline, and a second run
+    that reuses the first VAE and refines it (vae_from + vae_refine_steps) changes the VAE's weights and records
+    where they came from."""
+    import json
+
+    from tav.checkpoint import read_state_dict
+    from tav.pipeline import TuneAVideoPipeline
+    from tav.world_training import train_world_model
+
+    sizes = dict(vae_steps=1, unet_steps=1, bank_size=4, vae_batch=2, unet_batch=2)
+    first, second = tmp_path / "first", tmp_path / "second"
+    train_world_model(str(first), **sizes)
+    record = train_world_model(str(second), vae_from=str(first / "vae"), vae_refine_steps=1, **sizes)
+    assert (record["vae_reused_from"], record["vae_refine_steps"]) == (str(first / "vae"), 1)
+    assert json.loads((second / "world_model.json").read_text())["vae_refine_steps"] == 1
+    before, after = (read_state_dict(str(d / "vae" / "diffusion_pytorch_model.safetensors")) for d in (first, second))
+    assert before.keys() == after.keys()
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+    pipeline = TuneAVideoPipeline.from_pretrained(str(second))
+    assert pipeline.vae.config.scaling_factor == pytest.approx(record["scaling_factor"])

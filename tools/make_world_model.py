@@ -26,6 +26,9 @@ def main(argv=None):
     parser.add_argument("--unet_batch", type=int, default=None)
     parser.add_argument("--bank_size", type=int, default=None)
     parser.add_argument("--vae_from", default=None, help="reuse a VAE folder an earlier --retrain wrote")
+    parser.add_argument("--vae_refine_steps", type=int, default=None,
+                        help="then train the VAE this many more steps at --vae_refine_lr (its own schedule)")
+    parser.add_argument("--vae_refine_lr", type=float, default=None)
     parser.add_argument("--threads", type=int, default=None,
                         help="MindSpore CPU op threads (--retrain; default: the cores available)")
     parser.add_argument("--assets", action="store_true",
@@ -42,7 +45,7 @@ def main(argv=None):
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     backend.configure(device_target="CPU", mode=0, cpu_threads=args.threads)
-    names = ("vae_steps", "unet_steps", "vae_batch", "unet_batch", "bank_size", "vae_from")
+    names = ("vae_steps", "unet_steps", "vae_batch", "unet_batch", "bank_size", "vae_from", "vae_refine_steps", "vae_refine_lr")
     steps = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     command = "python tools/make_world_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     record = world_training.train_world_model(args.output_dir, seed=args.seed, command=command, **steps)
