@@ -91,21 +91,31 @@ def print_case_result(result):
     print(CASE_RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def run_case_in_fresh_process(script, case, timeout=None, tail_lines=5):
-    """Run `python script --case JSON` with case["threads"] OpenMP threads and the repository on the path; returns
-    the result it printed (print_case_result), or dict(case, error=the last lines of its output) when it failed,
-    printed none or ran past `timeout` seconds."""
+def run_and_read_result(command, env, cwd, timeout=None, prefix=CASE_RESULT_PREFIX, tail_lines=5):
+    """Run `command` in a fresh process; returns (the JSON result of its last `prefix` line, or None when it failed,
+    printed none or ran past `timeout` seconds; the last `tail_lines` lines of its stderr (else stdout), or why
+    it gave no result)."""
     import json
     import subprocess
 
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:.0f} s"
+    tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-tail_lines:])
+    lines = [line for line in done.stdout.splitlines() if line.startswith(prefix)]
+    if done.returncode != 0 or not lines:
+        return None, f"exited {done.returncode}: {tail}"
+    return json.loads(lines[-1][len(prefix):]), tail
+
+
+def run_case_in_fresh_process(script, case, timeout=None, tail_lines=5):
+    """Run `python script --case JSON` with case["threads"] OpenMP threads and the repository on the path; returns
+    the result it printed (print_case_result), or dict(case, error=why it gave none) (run_and_read_result)."""
+    import json
+
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS=str(case["threads"]), PYTHONPATH=repo)
-    try:
-        done = subprocess.run([sys.executable, os.path.abspath(script), "--case", json.dumps(case)], env=env,
-                              capture_output=True, text=True, cwd=repo, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(case, error=f"timed out after {timeout:.0f} s")
-    lines = [line for line in done.stdout.splitlines() if line.startswith(CASE_RESULT_PREFIX)]
-    if done.returncode != 0 or not lines:
-        return dict(case, error="\n".join((done.stderr or done.stdout).strip().splitlines()[-tail_lines:]))
-    return json.loads(lines[-1][len(CASE_RESULT_PREFIX):])
+    result, tail = run_and_read_result([sys.executable, os.path.abspath(script), "--case", json.dumps(case)], env,
+                                       repo, timeout, tail_lines=tail_lines)
+    return dict(case, error=tail) if result is None else result

@@ -13,7 +13,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.configs import CONFIGS, get_config  # noqa: E402
-from bench.measure import load_average  # noqa: E402
+from bench.measure import load_average, run_and_read_result  # noqa: E402
 from bench.worker import RESULT_PREFIX  # noqa: E402
 
 STEPS = ("sample", "train", "attn1")
@@ -151,20 +150,13 @@ def run_case(case, timeout):
     """Run one case in a fresh interpreter; returns the case merged with its measurements (or its error)."""
     started = time.perf_counter()
     load_before = load_average()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "bench.worker", json.dumps(case)], cwd=str(ROOT),
-                              env=worker_env(case["threads"], case["attention"] if case["framework"] == "tav" else None),
-                              capture_output=True, text=True, timeout=timeout)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-        if lines:
-            result = json.loads(lines[-1][len(RESULT_PREFIX):])
-        else:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            result = {"ok": False, "error": f"worker exited {proc.returncode}: {' | '.join(tail)}"[:500]}
-        if not result.get("ok"):
-            result["stderr_tail"] = (proc.stderr or "").strip().splitlines()[-15:]
-    except subprocess.TimeoutExpired:
-        result = {"ok": False, "error": f"timed out after {timeout:.0f} s"}
+    env = worker_env(case["threads"], case["attention"] if case["framework"] == "tav" else None)
+    result, tail = run_and_read_result([sys.executable, "-m", "bench.worker", json.dumps(case)], env, str(ROOT),
+                                       timeout, prefix=RESULT_PREFIX, tail_lines=15)
+    if result is None:
+        result = {"ok": False, "error": f"worker {tail}"[:500]}
+    if not result.get("ok"):
+        result["stderr_tail"] = tail.splitlines()
     result["wall_s"] = time.perf_counter() - started
     result["load_before"] = load_before
     return {**case, **result}
