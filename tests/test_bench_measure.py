@@ -12,7 +12,8 @@ def _python(code):
 
 
 def test_the_last_result_line_is_read_back():
-    code = f"print('noise'); print({CASE_RESULT_PREFIX!r} + '{{\"a\": 1}}'); print({CASE_RESULT_PREFIX!r} + '{{\"a\": 2}}')"
+    prints = [f"print({CASE_RESULT_PREFIX!r} + json.dumps({{'a': {n}}}))" for n in (1, 2)]
+    code = "; ".join(["import json", "print('noise')", *prints])
     result, _ = run_and_read_result(_python(code), dict(os.environ), ".")
     assert result == {"a": 2}
 
