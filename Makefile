@@ -17,9 +17,10 @@ $(STAMP): requirements.txt requirements-parity.txt setup.py
 
 # `make test` is the suite a change is checked with (a few minutes); the slow tier (tests/conftest.py SLOW_TESTS:
 # msrun, LOVEU, the Ascend emulation's compiled graphs, large graph-mode parity) runs in `make test-slow`, and CI
-# runs both (.ci/run).
+# runs both (.ci/run). `make test` spreads the files over one worker process per core (TEST_WORKERS=1: one process).
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 test: install
-	$(PYTHON) -m pytest -q tests -m "not slow"
+	$(PYTHON) -m pytest -q tests -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: install
 	$(PYTHON) -m pytest -q tests -m slow

@@ -22,5 +22,5 @@ setup(
         "tqdm",
         "Pillow>=9.1",
     ],
-    extras_require={"parity": ["torch==2.13.0", "diffusers==0.35.2"], "test": ["pytest"]},
+    extras_require={"parity": ["torch==2.13.0", "diffusers==0.35.2"], "test": ["pytest", "pytest-xdist"]},
 )
