@@ -775,11 +775,13 @@ def single_file_source(folder):
 
 
 _TEMP_FOLDERS = []
+_CONVERTED_THIS_PROCESS = {}  # request key -> temporary folder: a second load of the same file is not converted again
 
 
 def _remove_temp_folders():
     for folder in _TEMP_FOLDERS:
         shutil.rmtree(folder, ignore_errors=True)
+    _CONVERTED_THIS_PROCESS.clear()
 
 
 atexit.register(_remove_temp_folders)
@@ -788,7 +790,7 @@ atexit.register(_remove_temp_folders)
 def resolve_pretrained(path, prediction_type=None, tokenizer_from=None, config_from=None, cache_dir=None):
     """The diffusers folder to load for `path`: a folder is returned unchanged; a single file is converted into
     `cache_dir/<hash of the file and options>/` (reused while the file is unchanged) or a temporary folder that is
-    removed when the process exits."""
+    removed when the process exits (and reused by this process's later calls while the file is unchanged)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return path
@@ -803,11 +805,17 @@ def resolve_pretrained(path, prediction_type=None, tokenizer_from=None, config_f
             return out_dir
         os.makedirs(cache_dir, exist_ok=True)
     else:
+        converted = _CONVERTED_THIS_PROCESS.get(key)
+        if converted and os.path.isfile(os.path.join(converted, "model_index.json")):
+            return converted
         parent = tempfile.mkdtemp(prefix="tav-single-file-")
         _TEMP_FOLDERS.append(parent)
         out_dir = os.path.join(parent, "model")
     model = convert_single_file(path, config_from=config_from)
-    return write_diffusers_folder(model, out_dir, prediction_type, tokenizer_from, config_from)
+    folder = write_diffusers_folder(model, out_dir, prediction_type, tokenizer_from, config_from)
+    if cache_dir is None:
+        _CONVERTED_THIS_PROCESS[key] = folder
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------------------------

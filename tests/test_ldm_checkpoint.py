@@ -139,6 +139,24 @@ def test_resolve_pretrained_returns_a_folder_unchanged_and_reuses_its_cache(tiny
     assert ldm_checkpoint.single_file_source(tiny) is None
 
 
+def test_without_a_cache_dir_one_process_converts_a_file_once(tiny, ldm_state, tmp_path, monkeypatch):
+    """Training loads the models, then validation and the export load the same file again: the temporary folder of
+    the first conversion serves them while the file is unchanged; a changed file is converted again."""
+    path = write_container("safetensors", ldm_state, str(tmp_path))
+    first = ldm_checkpoint.resolve_pretrained(path, config_from=tiny)
+    conversions = []
+    real_convert = ldm_checkpoint.convert_single_file
+    monkeypatch.setattr(ldm_checkpoint, "convert_single_file", lambda *a, **k: conversions.append(a) or
+                        real_convert(*a, **k))
+    assert ldm_checkpoint.resolve_pretrained(path, config_from=tiny) == first and not conversions
+    name = next(iter(ldm_state))
+    write_container("safetensors", {**ldm_state, name: ldm_state[name] * 2}, str(tmp_path))
+    later = os.stat(path).st_mtime + 10
+    os.utime(path, (later, later))  # the same second as the first write would otherwise look unchanged
+    changed = ldm_checkpoint.resolve_pretrained(path, config_from=tiny)
+    assert changed != first and len(conversions) == 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # SD 2.x's OpenCLIP text layout
 
