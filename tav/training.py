@@ -12,7 +12,9 @@ This file is the loop; each concern it calls lives in its own module:
 
 `train()` trains and writes outputs; it leaves process state to its caller: the device, the execution mode and the
 console logging are set by tools/train.py (or whoever calls it). It attaches a file handler for train.log for its
-own duration. Everything it can check is checked before anything is written into output_dir.
+own duration. Everything it can check is checked before anything is written into output_dir. (About 600 lines:
+the loop with its resume, NaN stop and data parallel, and the checks before it that name the config key at fault,
+belong to the run rather than to any one part.)
 
 Randomness: the per-step draws (VAE posterior noise, one timestep per video, the diffusion noise) come from a numpy
 Generator seeded with config.seed and enter the compiled step as Tensors. Its state is saved in every checkpoint,

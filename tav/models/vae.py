@@ -9,6 +9,9 @@ Structure and numbers follow diffusers 0.35.2 (models/autoencoders/vae.py, autoe
 unets/unet_2d_blocks.py): every norm uses eps 1e-6, resnets have no time embedding, the mid-block attention is one
 head over the H*W positions with a residual, the encoder's downsampler pads right/bottom by one then runs a
 stride-2 conv, the decoder runs its up blocks from the widest channel count to the narrowest.
+
+About 600 lines because the blocks are the VAE's own (diffusers' names, no time embedding) and are used nowhere
+else; the UNet's blocks live in tav.models.unet_blocks.
 """
 import os
 import re
