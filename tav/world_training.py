@@ -323,7 +323,7 @@ def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_
     record = {
         "seed": seed,
         "command": command,
-        "vae_steps": vae_steps,
+        "vae_steps": None if vae_from else vae_steps,  # a reused VAE was trained by the run it came from
         "vae_batch_size": vae_batch,
         "unet_steps": unet_steps,
         "unet_batch_size": unet_batch,

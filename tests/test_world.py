@@ -172,7 +172,7 @@ def test_a_retrain_writes_a_loadable_pipeline_and_a_refine_goes_on_from_a_reused
     first, second = tmp_path / "first", tmp_path / "second"
     train_world_model(str(first), **sizes)
     record = train_world_model(str(second), vae_from=str(first / "vae"), vae_refine_steps=1, **sizes)
-    assert (record["vae_reused_from"], record["vae_refine_steps"]) == (str(first / "vae"), 1)
+    assert (record["vae_reused_from"], record["vae_refine_steps"], record["vae_steps"]) == (str(first / "vae"), 1, None)
     assert json.loads((second / "world_model.json").read_text())["vae_refine_steps"] == 1
     before, after = (read_state_dict(str(d / "vae" / "diffusion_pytorch_model.safetensors")) for d in (first, second))
     assert before.keys() == after.keys()
