@@ -774,23 +774,28 @@ def single_file_source(folder):
     return checkpoint.read_json(record, what="single-file record")["source"] if os.path.isfile(record) else None
 
 
-_TEMP_FOLDERS = []
-_CONVERTED_THIS_PROCESS = {}  # request key -> temporary folder: a second load of the same file is not converted again
+_PROCESS_CACHE = []  # the temporary cache folder of this process, made on first use and removed at exit
 
 
-def _remove_temp_folders():
-    for folder in _TEMP_FOLDERS:
+def _process_cache_dir():
+    if not _PROCESS_CACHE:
+        _PROCESS_CACHE.append(tempfile.mkdtemp(prefix="tav-single-file-"))
+    return _PROCESS_CACHE[0]
+
+
+def _remove_process_cache():
+    for folder in _PROCESS_CACHE:
         shutil.rmtree(folder, ignore_errors=True)
-    _CONVERTED_THIS_PROCESS.clear()
+    _PROCESS_CACHE.clear()
 
 
-atexit.register(_remove_temp_folders)
+atexit.register(_remove_process_cache)
 
 
 def resolve_pretrained(path, prediction_type=None, tokenizer_from=None, config_from=None, cache_dir=None):
     """The diffusers folder to load for `path`: a folder is returned unchanged; a single file is converted into
-    `cache_dir/<hash of the file and options>/` (reused while the file is unchanged) or a temporary folder that is
-    removed when the process exits (and reused by this process's later calls while the file is unchanged)."""
+    `cache_dir/<file stem>-<hash of the file and options>/` and reused while the file is unchanged. Without
+    `cache_dir` the cache is a temporary folder of this process, removed when it exits."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return path
@@ -799,23 +804,13 @@ def resolve_pretrained(path, prediction_type=None, tokenizer_from=None, config_f
     request = [os.path.abspath(path), stat.st_size, int(stat.st_mtime), prediction_type,
                tokenizer_from and os.path.abspath(tokenizer_from), config_from and os.path.abspath(config_from)]
     key = hashlib.sha256(json.dumps(request).encode()).hexdigest()[:16]
-    if cache_dir is not None:
-        out_dir = os.path.join(cache_dir, f"{os.path.splitext(os.path.basename(path))[0]}-{key}")
-        if os.path.isfile(os.path.join(out_dir, "model_index.json")):
-            return out_dir
-        os.makedirs(cache_dir, exist_ok=True)
-    else:
-        converted = _CONVERTED_THIS_PROCESS.get(key)
-        if converted and os.path.isfile(os.path.join(converted, "model_index.json")):
-            return converted
-        parent = tempfile.mkdtemp(prefix="tav-single-file-")
-        _TEMP_FOLDERS.append(parent)
-        out_dir = os.path.join(parent, "model")
+    cache_dir = _process_cache_dir() if cache_dir is None else cache_dir
+    out_dir = os.path.join(cache_dir, f"{os.path.splitext(os.path.basename(path))[0]}-{key}")
+    if os.path.isfile(os.path.join(out_dir, "model_index.json")):
+        return out_dir
+    os.makedirs(cache_dir, exist_ok=True)
     model = convert_single_file(path, config_from=config_from)
-    folder = write_diffusers_folder(model, out_dir, prediction_type, tokenizer_from, config_from)
-    if cache_dir is None:
-        _CONVERTED_THIS_PROCESS[key] = folder
-    return folder
+    return write_diffusers_folder(model, out_dir, prediction_type, tokenizer_from, config_from)
 
 
 # ---------------------------------------------------------------------------------------------------------------
