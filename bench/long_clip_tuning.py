@@ -31,8 +31,7 @@ def run_case(case):
 
 
 def spawn(case, timeout):
-    result = run_case_in_fresh_process(__file__, case, timeout, tail_lines=3)
-    return result if "error" in result else dict(case, **result)
+    return run_case_in_fresh_process(__file__, case, timeout, tail_lines=3)
 
 
 def table(results):

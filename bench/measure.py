@@ -111,11 +111,12 @@ def run_and_read_result(command, env, cwd, timeout=None, prefix=CASE_RESULT_PREF
 
 def run_case_in_fresh_process(script, case, timeout=None, tail_lines=5):
     """Run `python script --case JSON` with case["threads"] OpenMP threads and the repository on the path; returns
-    the result it printed (print_case_result), or dict(case, error=why it gave none) (run_and_read_result)."""
+    the case updated with the result it printed (print_case_result), or with error=why it gave none
+    (run_and_read_result)."""
     import json
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS=str(case["threads"]), PYTHONPATH=repo)
     result, tail = run_and_read_result([sys.executable, os.path.abspath(script), "--case", json.dumps(case)], env,
                                        repo, timeout, tail_lines=tail_lines)
-    return dict(case, error=tail) if result is None else result
+    return dict(case, error=tail) if result is None else dict(case, **result)
