@@ -1,7 +1,7 @@
 """Pretraining the world model: a Stable-Diffusion-1.x-shaped text-to-image pipeline of the world (tav.world).
 
 The pipeline has SD's parts and block types at toy widths (the tokenizer and frozen random CLIP text encoder of
-tav.tiny, an AutoencoderKL with SD's 8x downscale, a UNet of CrossAttnDown/Up blocks around a
+tav.tiny, an AutoencoderKL with SD's 8x downscale or, `latent_downscale=4`, one downsampler fewer, a UNet of CrossAttnDown/Up blocks around a
 UNetMidBlock2DCrossAttn, the DDIM scheduler with SD's noise schedule), trained by tav's own models on single
 frames of the world drawn at random positions:
 
@@ -71,6 +71,27 @@ WORLD_VAE_CONFIG = {
     "sample_size": 64,
     "scaling_factor": 0.18215,  # replaced by the measured 1 / std of the trained VAE's latents
 }
+
+LATENT_DOWNSCALES = (8, 4)
+
+
+def world_vae_config(latent_downscale=8):
+    """WORLD_VAE_CONFIG, or at latent_downscale 4 its last (deepest) block dropped: 16x16 latents, so a 16-pixel
+    object covers 4x4 latent cells instead of 2x2 (SD's objects cover tens of cells of its 64x64 latents)."""
+    if latent_downscale not in LATENT_DOWNSCALES:
+        raise ValueError(f"latent_downscale must be one of {LATENT_DOWNSCALES}, got {latent_downscale!r}")
+    config = dict(WORLD_VAE_CONFIG)
+    if latent_downscale == 4:
+        config.update(down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                      block_out_channels=[16, 32, 64])
+    return config
+
+
+def world_unet_config(latent_downscale=8):
+    """WORLD_UNET_CONFIG with its sample_size the latent size of a 64-pixel frame at that downscale."""
+    world_vae_config(latent_downscale)  # validates
+    return dict(WORLD_UNET_CONFIG, sample_size=world.FRAME_SIZE // latent_downscale)
+
 
 TEXT_HIDDEN_SIZE = 32
 CAPTION_DROPOUT = 0.1
@@ -170,18 +191,19 @@ def vae_training_ops():
             os.environ[backend.NATIVE_KERNELS_ENV] = previous
 
 
-def train_vae(steps, batch_size=16, lr=1e-3, kl_weight=1e-6, seed=0, log_every=10, vae=None):
+def train_vae(steps, batch_size=16, lr=1e-3, kl_weight=1e-6, seed=0, log_every=10, vae=None, latent_downscale=8):
     """Train a fresh VAE (or go on training `vae`, with its own warmup and cosine schedule) for `steps` steps."""
     with vae_training_ops():
-        return _train_vae(steps, batch_size, lr, kl_weight, seed, log_every, vae)
+        return _train_vae(steps, batch_size, lr, kl_weight, seed, log_every, vae, latent_downscale)
 
 
-def _train_vae(steps, batch_size, lr, kl_weight, seed, log_every, vae):
+def _train_vae(steps, batch_size, lr, kl_weight, seed, log_every, vae, latent_downscale):
     from tav.models.vae import AutoencoderKL
 
     ms.set_seed(seed)
     if vae is None:
-        vae = AutoencoderKL(dict(WORLD_VAE_CONFIG))
+        vae = AutoencoderKL(world_vae_config(latent_downscale))
+    latent = world.FRAME_SIZE // vae.downscale_factor
     weights = list(vae.trainable_params())
     step_fn = GradStep(VAELoss(vae, kl_weight), weights)
     optimizer = _optimizer(weights, steps, lr, warmup=min(100, steps // 10 + 1))
@@ -189,7 +211,7 @@ def _train_vae(steps, batch_size, lr, kl_weight, seed, log_every, vae):
     started = time.time()
     for step in range(steps):
         pixels, object_weights, _ = frame_batch(rng, batch_size)
-        noise = rng.standard_normal((batch_size, 4, 8, 8)).astype(np.float32)
+        noise = rng.standard_normal((batch_size, 4, latent, latent)).astype(np.float32)
         loss, grads = step_fn(ms.Tensor(pixels), ms.Tensor(object_weights), ms.Tensor(noise))
         optimizer(grads)
         _log_every(step, steps, float(loss.asnumpy()), started, "vae", log_every)
@@ -197,7 +219,7 @@ def _train_vae(steps, batch_size, lr, kl_weight, seed, log_every, vae):
 
 
 def encode_bank(vae, n, seed, batch_size=64):
-    """A bank of n random captioned frames: (means, stds) (n, 4, 8, 8) of the VAE posterior, caption indices."""
+    """A bank of n random captioned frames: (means, stds) (n, 4, h, w) of the VAE posterior, caption indices."""
     rng = np.random.default_rng(seed)
     captions = [s.caption for s in world.all_scenes()]
     means, stds, labels = [], [], []
@@ -221,13 +243,13 @@ def caption_embeddings(pipeline_dir):
     return encode_prompts(tokenizer, encoder, captions).asnumpy()
 
 
-def build_unet(seed):
+def build_unet(seed, latent_downscale=8):
     """The 3-D UNet for 1-frame training: temporal output projections zeroed (weight and bias), so a 1-frame
     temporal attention adds exactly nothing and the trained function is the 2-D UNet's."""
     from tav.models.unet3d import UNet3DConditionModel, is_temporal_key
 
     ms.set_seed(seed)
-    unet = UNet3DConditionModel(dict(WORLD_UNET_CONFIG))
+    unet = UNet3DConditionModel(world_unet_config(latent_downscale))
     for name, param in unet.parameters_and_names():
         if is_temporal_key(name) and ".to_out." in name:
             param.set_data(ops.zeros(param.shape, param.dtype))
@@ -239,7 +261,7 @@ def train_unet(bank, embeddings, scaling_factor, alphas_cumprod, steps, batch_si
                log_every=10):
     means, stds, labels = bank
     alphas = np.asarray(alphas_cumprod, np.float64)
-    unet, weights = build_unet(seed)
+    unet, weights = build_unet(seed, world.FRAME_SIZE // means.shape[-1])
     step_fn = GradStep(UNetLoss(unet), weights)
     optimizer = _optimizer(weights, steps, lr, warmup=min(200, steps // 10 + 1))
     rng = np.random.default_rng(seed + 1)
@@ -274,7 +296,7 @@ def write_text_parts(pipeline_dir, seed):
 
 def save_vae(vae, folder, scaling_factor):
     os.makedirs(folder, exist_ok=True)
-    config = dict(WORLD_VAE_CONFIG, scaling_factor=float(scaling_factor))
+    config = dict(world_vae_config(vae.downscale_factor), scaling_factor=float(scaling_factor))
     state = {k: v.astype(np.float16) for k, v in cell_state_dict(vae).items()}
     save_state_dict(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
     write_json_atomic(config, os.path.join(folder, "config.json"))
@@ -286,15 +308,17 @@ def save_unet_2d(unet, folder):
     os.makedirs(folder, exist_ok=True)
     state = {k: v.astype(np.float16) for k, v in cell_state_dict(unet).items() if not is_temporal_key(k)}
     save_state_dict(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
-    write_json_atomic(dict(WORLD_UNET_CONFIG), os.path.join(folder, "config.json"))
+    write_json_atomic(world_unet_config(world.FRAME_SIZE // unet.config.sample_size), os.path.join(folder, "config.json"))
 
 
 def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_size=20000, command=None,
-                      vae_batch=16, unet_batch=32, vae_from=None, vae_refine_steps=0, vae_refine_lr=3e-4):
+                      vae_batch=16, unet_batch=32, vae_from=None, vae_refine_steps=0, vae_refine_lr=3e-4,
+                      latent_downscale=8):
     """Write a trained world pipeline folder into `output_dir` (see the module docstring); returns its record.
     `vae_from`: a VAE folder this function wrote before (same seed and steps), reused instead of stage 1.
     `vae_refine_steps`: then go on training the VAE that many steps at the lower peak `vae_refine_lr` (a second
-    cosine schedule; the L1 + MSE loss was still falling, and sharper corners are what tell squares from circles)."""
+    cosine schedule; the L1 + MSE loss was still falling, and sharper corners are what tell squares from circles).
+    `latent_downscale`: 8 (SD's) or 4 (world_vae_config); a reused VAE brings its own."""
     from tav.models.vae import AutoencoderKL
     from tav.schedulers import DDIMScheduler
 
@@ -308,7 +332,7 @@ def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_
         with vae_training_ops():  # built with the ops a refine's training graph needs
             vae = AutoencoderKL.from_pretrained(vae_from)
     else:
-        vae = train_vae(vae_steps, batch_size=vae_batch, seed=seed)
+        vae = train_vae(vae_steps, batch_size=vae_batch, seed=seed, latent_downscale=latent_downscale)
     if vae_refine_steps:
         vae = train_vae(vae_refine_steps, batch_size=vae_batch, lr=vae_refine_lr, seed=seed + 3, vae=vae)
     vae_seconds = time.time() - started
@@ -328,6 +352,7 @@ def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_
         "unet_steps": unet_steps,
         "unet_batch_size": unet_batch,
         "bank_size": bank_size,
+        "latent_downscale": vae.downscale_factor,
         "vae_reused_from": vae_from,
         "vae_refine_steps": vae_refine_steps,
         "vae_refine_lr": vae_refine_lr,

@@ -179,3 +179,29 @@ def test_a_retrain_writes_a_loadable_pipeline_and_a_refine_goes_on_from_a_reused
     assert any(not np.array_equal(before[k], after[k]) for k in before)
     pipeline = TuneAVideoPipeline.from_pretrained(str(second))
     assert pipeline.vae.config.scaling_factor == pytest.approx(record["scaling_factor"])
+
+
+def test_a_quarter_scale_world_model_has_16x16_latents_for_64_pixel_frames(tmp_path):
+    """latent_downscale=4 drops the VAE's deepest block: a frame encodes to 16x16 latents, the UNet's sample_size
+    follows, and the pipeline folder's configs still say 64-pixel frames; other downscales are refused."""
+    import mindspore as ms
+
+    from tav.checkpoint import write_json_atomic
+    from tav.models.vae import AutoencoderKL
+    from tav.pipeline import default_pixel_size
+    from tav.world_training import vae_training_ops, world_unet_config, world_vae_config
+
+    vae_config, unet_config = world_vae_config(4), world_unet_config(4)
+    with vae_training_ops():
+        vae = AutoencoderKL(dict(vae_config))
+    frame, _, _ = world.random_frame(np.random.default_rng(0))
+    pixels = ms.Tensor(frame.astype(np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0)
+    assert vae.downscale_factor == 4
+    assert vae.encode_moments(pixels).shape == (1, 8, 16, 16)
+    assert unet_config["sample_size"] == 16 and world_unet_config()["sample_size"] == 8
+    (tmp_path / "unet").mkdir(), (tmp_path / "vae").mkdir()
+    write_json_atomic(unet_config, str(tmp_path / "unet" / "config.json"))
+    write_json_atomic(vae_config, str(tmp_path / "vae" / "config.json"))
+    assert default_pixel_size(str(tmp_path)) == world.FRAME_SIZE
+    with pytest.raises(ValueError, match="latent_downscale"):
+        world_vae_config(2)
