@@ -1,9 +1,9 @@
 """Pretraining the world model: a Stable-Diffusion-1.x-shaped text-to-image pipeline of the world (tav.world).
 
 The pipeline has SD's parts and block types at toy widths (the tokenizer and frozen random CLIP text encoder of
-tav.tiny, an AutoencoderKL with SD's 8x downscale or, `latent_downscale=4`, one downsampler fewer, a UNet of CrossAttnDown/Up blocks around a
-UNetMidBlock2DCrossAttn, the DDIM scheduler with SD's noise schedule), trained by tav's own models on single
-frames of the world drawn at random positions:
+tav.tiny, an AutoencoderKL with SD's 8x downscale or, at `latent_downscale=4`, one downsampler fewer, a UNet of
+CrossAttnDown/Up blocks around a UNetMidBlock2DCrossAttn, the DDIM scheduler with SD's noise schedule), trained
+by tav's own models on single frames of the world drawn at random positions:
 
 1. the VAE to reconstruct frames (L1 + MSE, the object's pixels weighted up, a small KL term); its scaling_factor
    is then set to 1 / the latents' standard deviation, as SD's 0.18215 was;
@@ -75,11 +75,15 @@ WORLD_VAE_CONFIG = {
 LATENT_DOWNSCALES = (8, 4)
 
 
+def check_latent_downscale(latent_downscale):
+    if latent_downscale not in LATENT_DOWNSCALES:
+        raise ValueError(f"latent_downscale must be one of {LATENT_DOWNSCALES}, got {latent_downscale!r}")
+
+
 def world_vae_config(latent_downscale=8):
     """WORLD_VAE_CONFIG, or at latent_downscale 4 its last (deepest) block dropped: 16x16 latents, so a 16-pixel
     object covers 4x4 latent cells instead of 2x2 (SD's objects cover tens of cells of its 64x64 latents)."""
-    if latent_downscale not in LATENT_DOWNSCALES:
-        raise ValueError(f"latent_downscale must be one of {LATENT_DOWNSCALES}, got {latent_downscale!r}")
+    check_latent_downscale(latent_downscale)
     config = dict(WORLD_VAE_CONFIG)
     if latent_downscale == 4:
         config.update(down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
@@ -89,7 +93,7 @@ def world_vae_config(latent_downscale=8):
 
 def world_unet_config(latent_downscale=8):
     """WORLD_UNET_CONFIG with its sample_size the latent size of a 64-pixel frame at that downscale."""
-    world_vae_config(latent_downscale)  # validates
+    check_latent_downscale(latent_downscale)
     return dict(WORLD_UNET_CONFIG, sample_size=world.FRAME_SIZE // latent_downscale)
 
 
@@ -308,7 +312,8 @@ def save_unet_2d(unet, folder):
     os.makedirs(folder, exist_ok=True)
     state = {k: v.astype(np.float16) for k, v in cell_state_dict(unet).items() if not is_temporal_key(k)}
     save_state_dict(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
-    write_json_atomic(world_unet_config(world.FRAME_SIZE // unet.config.sample_size), os.path.join(folder, "config.json"))
+    config = world_unet_config(world.FRAME_SIZE // unet.config.sample_size)
+    write_json_atomic(config, os.path.join(folder, "config.json"))
 
 
 def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_size=20000, command=None,
@@ -322,6 +327,7 @@ def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_
     from tav.models.vae import AutoencoderKL
     from tav.schedulers import DDIMScheduler
 
+    check_latent_downscale(latent_downscale)  # before anything is written
     started = time.time()
     os.makedirs(output_dir, exist_ok=True)
     write_text_parts(output_dir, seed)

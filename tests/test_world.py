@@ -205,3 +205,8 @@ def test_a_quarter_scale_world_model_has_16x16_latents_for_64_pixel_frames(tmp_p
     assert default_pixel_size(str(tmp_path)) == world.FRAME_SIZE
     with pytest.raises(ValueError, match="latent_downscale"):
         world_vae_config(2)
+    from tav.world_training import train_world_model
+
+    with pytest.raises(ValueError, match="latent_downscale"):
+        train_world_model(str(tmp_path / "refused"), latent_downscale=2)
+    assert not (tmp_path / "refused").exists()  # refused before anything is written
