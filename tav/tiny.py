@@ -23,7 +23,6 @@ import numpy as np
 
 from tav.checkpoint import SD_MODEL_INDEX, save_state_dict, write_json_atomic
 from tav.checks import is_int
-from tav.video import VideoError, write_video
 
 # ---------------------------------------------------------------------------------------------------------------
 # tokenizer/: a real (small) CLIP byte-level BPE
@@ -415,6 +414,10 @@ def make_demo_clip(path, n_frames=16, height=64, width=64, seed=0, fps=8):
 
     mp4 unless the extension (or a png folder path) says otherwise; same ``seed``, same pixels.
     """
+    # Imported here, not at the top: importing this module for its configs (bench/configs.py) should not load
+    # OpenCV (~20 MiB of resident memory a benchmark would count as the model's).
+    from tav.video import VideoError, write_video
+
     if not is_int(n_frames) or n_frames < 1 or not is_int(height) or height < 8 or not is_int(width) or width < 8:
         raise VideoError(f"demo clip {path}: need n_frames >= 1 and height, width >= 8; got "
                          f"{n_frames!r}, {height!r}, {width!r}")
