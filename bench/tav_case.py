@@ -75,7 +75,7 @@ def sample_step(case, config):
 
 def _trainable(unet):
     try:
-        from tav.training import select_trainable
+        from tav.train_step import select_trainable
 
         return select_trainable(unet, trainable_module_suffixes())
     except ImportError:

@@ -41,7 +41,7 @@ def run_variant(variant, config_name, steps, threads):
     from bench.configs import TEXT_TOKENS, get_config
     from tav.config import DEFAULT_TRAINABLE_MODULES
     from tav.models.unet3d import UNet3DConditionModel
-    from tav.training import is_trainable, select_trainable
+    from tav.train_step import is_trainable, select_trainable
 
     ms.set_device("CPU")
     ms.device_context.cpu.op_tuning.threads_num(threads)

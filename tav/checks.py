@@ -11,6 +11,9 @@ import numbers
 SIZE_MULTIPLE = 8
 SIZE_RULE = f"a positive multiple of {SIZE_MULTIPLE}"
 
+# The formats tav writes videos in (tav.video.write_video; a config's and the tools' choices).
+WRITE_FORMATS = ("gif", "mp4", "png")
+
 
 def is_int(value):
     """An integer that is not a bool (YAML and argparse both turn `true` into something int-like)."""

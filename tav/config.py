@@ -53,10 +53,9 @@ from typing import List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tav.checks import SIZE_RULE, describe_range, in_range, is_int, is_pixel_size
+from tav.checks import SIZE_RULE, WRITE_FORMATS, describe_range, in_range, is_int, is_pixel_size
 from tav.kernels import ATTENTION_BACKENDS
 from tav.models.attention import FRAME_POLICIES
-from tav.video import WRITE_FORMATS
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")

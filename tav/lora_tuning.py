@@ -20,6 +20,7 @@ import mindspore as ms
 
 from tav.config import DEFAULT_LORA_MODULES
 from tav.nn import Linear
+from tav.train_step import is_trainable
 
 LORA_TRAINABLE_MODULES = ("lora_down", "lora_up")
 
@@ -41,17 +42,12 @@ class LoRALinear(Linear):
         return super().construct(x) + self.lora_up(self.lora_down(x)) * self.lora_scale
 
 
-def _module_paths(name):
-    parts = name.split(".")
-    return [".".join(parts[: i + 1]) for i in range(len(parts))]
-
-
 def lora_targets(unet, modules):
     """The qualified names of the Linears that `modules` selects (see the module docstring), in model order."""
-    suffixes = tuple(modules)
+    # A Linear is a target when the official rule would train its weight (the name's prefixes end with a module).
     return [name for name, cell in unet.cells_and_names()
             if isinstance(cell, Linear) and not isinstance(cell, LoRALinear) and "lora_" not in name
-            and any(path.endswith(suffixes) for path in _module_paths(name))]
+            and is_trainable(f"{name}.weight", modules)]
 
 
 def add_lora_adapters(unet, rank, modules=DEFAULT_LORA_MODULES, alpha=None, seed=0):

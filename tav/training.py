@@ -45,9 +45,8 @@ from tav.config import ConfigError, check_input_paths
 from tav.delta import DELTA_NAME, base_identity, delta_keys, lora_identity
 from tav.lora_tuning import LORA_TRAINABLE_MODULES, add_lora_adapters
 from tav.loss_plot import write_loss_plot
-from tav.nn import match_weight_gradients
 from tav.optim import AdamW, DynamicLossScale, learning_rate_at, precision_plan
-from tav.train_step import DataParallel, TrainStep
+from tav.train_step import DataParallel, TrainStep, select_trainable
 
 logger = logging.getLogger("tav.train")
 
@@ -57,40 +56,6 @@ LOSS_PLOT_NAME = "loss.png"  # beside train.log, rewritten at every checkpoint
 
 class TrainingError(RuntimeError):
     """Training cannot go on (NaN loss, ...); the message says why and what was kept."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# What trains
-
-
-def module_paths(parameter_name):
-    """The module paths that contain a parameter: 'a.b.c.weight' -> ['a', 'a.b', 'a.b.c']."""
-    parts = parameter_name.split(".")[:-1]
-    return [".".join(parts[: i + 1]) for i in range(len(parts))]
-
-
-def is_trainable(parameter_name, trainable_modules):
-    """The official rule: a parameter trains iff the qualified name of a module containing it ends with one of
-    `trainable_modules` (plain string suffix, as `name.endswith(tuple(trainable_modules))`). So "attn_temp"
-    selects every tensor of attn_temp but not norm_temp, and "attn1.to_q" selects attn1.to_q.weight."""
-    suffixes = tuple(trainable_modules)
-    return any(path.endswith(suffixes) for path in module_paths(parameter_name))
-
-
-def select_trainable(unet, trainable_modules):
-    """[(name, Parameter)] of the tensors that train; every other UNet parameter gets requires_grad=False, and the
-    frozen layers' native backward kernels are told to skip their weight gradients (tav.nn.match_weight_gradients).
-    Call it before building a TrainStep (or your own value_and_grad) over the UNet."""
-    selected = []
-    for name, param in unet.parameters_and_names():
-        param.requires_grad = is_trainable(name, trainable_modules)
-        if param.requires_grad:
-            selected.append((name, param))
-    if not selected:
-        raise ConfigError(f"trainable_modules {list(trainable_modules)} match no UNet module; expected suffixes of "
-                          f"module names such as attn1.to_q, attn2.to_q, attn_temp")
-    match_weight_gradients(unet)
-    return selected
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from tav.checkpoint import default_file_mode, replace_directory_atomically
-from tav.checks import SIZE_RULE, is_int, is_pixel_size
+from tav.checks import SIZE_RULE, WRITE_FORMATS, is_int, is_pixel_size
 
 __all__ = [
     "VideoError",
@@ -44,7 +44,6 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-WRITE_FORMATS = ("gif", "mp4", "png")
 # decord 0.6.0 + FFmpeg 4.x libavfilter: the scale filter's own default (docs/video.md).
 DECORD_SCALE_FLAGS = "bilinear"
 

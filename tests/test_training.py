@@ -80,13 +80,13 @@ def run_config(pipeline, output_dir, video, **overrides):
 
 def test_trainable_rule_is_the_official_module_suffix_match():
     block = "down_blocks.0.attentions.0.transformer_blocks.0"
-    assert training.is_trainable(f"{block}.attn1.to_q.weight", OFFICIAL_MODULES)
-    assert training.is_trainable(f"{block}.attn2.to_q.weight", OFFICIAL_MODULES)
+    assert train_step.is_trainable(f"{block}.attn1.to_q.weight", OFFICIAL_MODULES)
+    assert train_step.is_trainable(f"{block}.attn2.to_q.weight", OFFICIAL_MODULES)
     for leaf in ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias"):
-        assert training.is_trainable(f"{block}.attn_temp.{leaf}", OFFICIAL_MODULES)
+        assert train_step.is_trainable(f"{block}.attn_temp.{leaf}", OFFICIAL_MODULES)
     for name in (f"{block}.attn1.to_k.weight", f"{block}.attn2.to_v.weight", f"{block}.norm_temp.weight",
                  f"{block}.attn1.to_out.0.weight", f"{block}.ff.net.0.proj.weight", "conv_in.weight"):
-        assert not training.is_trainable(name, OFFICIAL_MODULES)
+        assert not train_step.is_trainable(name, OFFICIAL_MODULES)
 
 
 def test_sd1_unet_trains_112_tensors_and_74m_parameters():
@@ -301,7 +301,7 @@ def test_only_the_trainable_tensors_change(tuned):
     _, result, before = tuned
     after = checkpoint.cell_state_dict(result.unet)
     changed = sorted(name for name in before if not np.array_equal(before[name], after[name]))
-    expected = sorted(name for name in before if training.is_trainable(name, OFFICIAL_MODULES))
+    expected = sorted(name for name in before if train_step.is_trainable(name, OFFICIAL_MODULES))
     assert changed == expected
     assert len(expected) == 4 * 7  # 4 transformer blocks x (attn1.to_q, attn2.to_q, 5 attn_temp tensors)
 

@@ -43,7 +43,7 @@ def run_part(device, device_id, out_path):
     from tav.schedulers import SD_V1_SCHEDULE, DDIMScheduler
     from tav.tiny import TINY_UNET_CONFIG
     from tav.train_step import TrainStep
-    from tav.training import select_trainable
+    from tav.train_step import select_trainable
 
     rng = np.random.default_rng(0)
     frames = 4
