@@ -64,6 +64,8 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 VALIDATION_FORMATS = tuple(fmt for fmt in WRITE_FORMATS if fmt != "png")
 DEFAULT_TRAINABLE_MODULES = ("attn1.to_q", "attn2.to_q", "attn_temp")  # the official set
 DEFAULT_LORA_MODULES = ("attn1.to_q", "attn2.to_q")  # LoRA tuning's default: the official projections
+# The resolved config a training run writes into its output_dir (beside the delta); sampling reads it back.
+RUN_CONFIG_NAME = "config.yaml"
 
 
 # TrainConfig fields that record where the config came from, not settings: never read from or written to YAML.

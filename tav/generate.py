@@ -178,6 +178,33 @@ class SampleRequest:
         return self.eval_clip_model is not None or self.pickscore_model is not None
 
 
+# The denoising settings a tuned delta carries from its run (tuned_run_defaults): validation_data key -> request field.
+RUN_SAMPLING_KEYS = {"num_inference_steps": "num_inference_steps", "num_inv_steps": "num_inv_steps",
+                     "guidance_scale": "guidance_scale"}
+
+
+def tuned_run_defaults(unet):
+    """The DDIM steps, inversion steps and guidance scale that the training run of the delta `unet` validated with:
+    when `unet` is a file (or a tuned folder) whose folder holds the run's resolved config (config.yaml, written
+    by tav.training.train), {request field: value} from its validation_data; {} when there is none. A model
+    tuned for a small world may need other settings than the official 50 steps at guidance 12.5, and its run
+    recorded them. A config there that does not load is reported and ignored: it must not stop sampling."""
+    from tav.config import RUN_CONFIG_NAME, ConfigError, load_train_config
+
+    if not unet:
+        return {}
+    folder = unet if os.path.isdir(unet) else os.path.dirname(os.path.abspath(unet))
+    path = os.path.join(folder, RUN_CONFIG_NAME)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        validation = load_train_config(path).validation_data
+    except (ConfigError, OSError, ValueError) as exc:
+        logger.warning("ignoring the run config beside the delta, %s: %s", path, exc)
+        return {}
+    return {field_name: getattr(validation, key) for key, field_name in RUN_SAMPLING_KEYS.items()}
+
+
 def request_from_config(config_path, **overrides):
     """A SampleRequest from an official Tune-A-Video training YAML: its validation_data, the training clip and
     prompt (for inversion), the base model and the seed. `overrides` (non-None values) win."""

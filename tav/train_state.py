@@ -18,6 +18,7 @@ import shutil
 import numpy as np
 
 from tav import checkpoint
+from tav.config import RUN_CONFIG_NAME
 from tav.delta import DELTA_NAME, apply_delta_tensors, read_delta, save_delta
 from tav.windows import random_window_frames
 
@@ -25,7 +26,7 @@ OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "training_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 # What a run leaves in output_dir besides its checkpoints; a new run refuses to mix with them.
-RUN_OUTPUTS = (DELTA_NAME, "config.yaml", "train.log", "loss.png", "samples", "inv_latents")
+RUN_OUTPUTS = (DELTA_NAME, RUN_CONFIG_NAME, "train.log", "loss.png", "samples", "inv_latents")
 # Config keys a resumed run may change: cadence, outputs, where and how it runs. Every other key decides what the
 # weights become (model, trainable set, data, shapes, optimiser, precision, seed) and must match the checkpoint's.
 RESUMABLE_CHANGES = ("max_train_steps", "checkpointing_steps", "validation_steps", "checkpoints_total_limit",

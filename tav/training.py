@@ -41,7 +41,7 @@ from mindspore import ops
 
 from tav import backend, checkpoint
 from tav import train_state as state
-from tav.config import ConfigError, check_input_paths
+from tav.config import RUN_CONFIG_NAME, ConfigError, check_input_paths
 from tav.delta import DELTA_NAME, base_identity, delta_keys, lora_identity
 from tav.lora_tuning import LORA_TRAINABLE_MODULES, add_lora_adapters
 from tav.loss_plot import write_loss_plot
@@ -482,7 +482,7 @@ def train(config, step_callback=None, parallel=None):
     cleared = state.clear_previous_run(config.output_dir) if main and config.overwrite_output_dir else []
     interrupted = state.remove_interrupted_writes(config.output_dir) if main else []
     if main:
-        checkpoint.write_text_atomic(config.to_yaml(), os.path.join(config.output_dir, "config.yaml"))
+        checkpoint.write_text_atomic(config.to_yaml(), os.path.join(config.output_dir, RUN_CONFIG_NAME))
     with _RunLog(config.output_dir if main else None) as run_log:
         for notice in notices:
             logger.info(f"notice: {notice}")

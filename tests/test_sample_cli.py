@@ -264,3 +264,29 @@ def test_the_frame_size_defaults_to_the_models_own(sample_tool, tmp_path):
     request = sample_tool.build_request(sample_tool.parse_args(["--pretrained_model_path", model, "--prompt", "a",
                                                                 "--height", "48"]))
     assert (request.height, request.width) == (48, size)
+
+
+def test_a_delta_beside_its_run_config_samples_with_that_runs_validation_settings(sample_tool, tiny_model, tmp_path):
+    """tools/sample.py --unet RUN/unet_delta.safetensors takes RUN/config.yaml's validation steps, inversion steps and
+    guidance as defaults; a flag still wins, and a delta without a run config keeps the official defaults."""
+    from tav.config import RUN_CONFIG_NAME
+
+    run = tmp_path / "run"
+    run.mkdir()
+    delta = run / "unet_delta.safetensors"
+    delta.write_bytes(b"x")
+    (run / RUN_CONFIG_NAME).write_text(
+        f"pretrained_model_path: {tiny_model}\noutput_dir: {run}\n"
+        "train_data: {video_path: clip.mp4, prompt: a cat}\n"
+        "validation_data: {prompts: [a dog], num_inference_steps: 7, num_inv_steps: 9, guidance_scale: 3.5}\n")
+    base = ["--pretrained_model_path", tiny_model, "--prompt", "a cat", "--output_dir", str(tmp_path / "out")]
+    request = sample_tool.build_request(sample_tool.parse_args(base + ["--unet", str(delta)]))
+    assert (request.num_inference_steps, request.num_inv_steps, request.guidance_scale) == (7, 9, 3.5)
+    assert request.prompts == ["a cat"]  # the run's settings, not its prompts
+    flagged = sample_tool.build_request(sample_tool.parse_args(base + ["--unet", str(delta), "--guidance_scale", "5"]))
+    assert (flagged.num_inference_steps, flagged.guidance_scale) == (7, 5.0)
+    lone = tmp_path / "lone" / "unet_delta.safetensors"
+    lone.parent.mkdir()
+    lone.write_bytes(b"x")
+    official = sample_tool.build_request(sample_tool.parse_args(base + ["--unet", str(lone)]))
+    assert (official.num_inference_steps, official.num_inv_steps, official.guidance_scale) == (50, 50, 12.5)

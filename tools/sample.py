@@ -37,7 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--lora", action="append", dest="loras", metavar="PATH[:SCALE]",
                    help="a LoRA file (diffusers or kohya .safetensors) fused into the UNet and text encoder after "
                         "--unet is applied, scale default 1 (repeatable, applied in order)")
-    p.add_argument("--unet", help="tuned UNet folder (or pipeline folder with unet/) or a trainable-only delta file")
+    p.add_argument("--unet", help="tuned UNet folder (or pipeline folder with unet/) or a trainable-only delta file; "
+                   "when its folder holds the training run's config.yaml, that run's validation steps, inversion "
+                   "steps and guidance scale are the defaults (flags and --config override them)")
     p.add_argument("--no_check_base", dest="check_base", action="store_false", default=None,
                    help="apply a --unet delta even when the base model's weights differ from those it was tuned on")
     p.add_argument("--prompt", action="append", dest="prompts", help="a prompt (repeat for several)")
@@ -104,7 +106,11 @@ def build_request(args):
     if not args.pretrained_model_path:
         print("no --pretrained_model_path: using the embedded tiny model (random weights, so the videos are noise)")
         return demo.demo_sample_request(**options)
-    return generate.SampleRequest(**options)
+    from_run = {k: v for k, v in generate.tuned_run_defaults(args.unet).items() if k not in options}
+    if from_run:
+        print("settings from the tuned run's config (flags override them): "
+              + ", ".join(f"{k}={v}" for k, v in from_run.items()))
+    return generate.SampleRequest(**{**from_run, **options})
 
 
 def main(argv=None):
