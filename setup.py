@@ -9,7 +9,9 @@ setup(
     # by the same path (no package_dir mapping, no run-time alias).
     packages=["tav", "tav.models", "tav.kernels", "tav.kernels.attention_backends", "tav.kernels.cpu"],
     # The native CPU kernels ship as C++ sources and are compiled on first use (tav/kernels/cpu/build.py).
-    package_data={"tav.kernels.cpu": ["*.cc", "*.h"]},
+    package_data={"tav.kernels.cpu": ["*.cc", "*.h"],
+                  # The trained world model (tav.world_model; tools/make_world_model.py reproduces it).
+                  "tav": ["assets/world_model/*.json", "assets/world_model/*/*"]},
     install_requires=[
         "mindspore>=2.5",
         "mindone>=0.5.0",
