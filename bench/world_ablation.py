@@ -24,6 +24,9 @@ from tav import world  # noqa: E402
 from tav import world_demo  # noqa: E402
 
 METHODS = ("a", "b", "c", "d", "e")
+# cases() gives every clip one edit of each kind, in this order.
+EDIT_KINDS = ("color", "shape", "background")
+MEASURES = ("edit_accuracy", "motion_px", "temporal_iou")
 
 
 def switch_off_temporal_attention(unet):
@@ -81,8 +84,14 @@ def run_case(model_dir, work_dir, clip, edits, methods=METHODS, seed=0, steps=25
         off = TuneAVideoPipeline.from_pretrained(model_dir, unet=delta_d)
         switch_off_temporal_attention(off.unet)
         outputs["d"] = world_demo.edit_clip(off, clip.frames, clip.caption, prompts, seed=seed)
-    return {m: [world_demo.judge_edit(clip.frames, frames, e) for frames, e in zip(outputs[m], edits)]
+    return {m: [{"kind": kind, "source": clip.caption, "edit": e.caption, **world_demo.judge_edit(clip.frames, frames, e)}
+                for frames, e, kind in zip(outputs[m], edits, EDIT_KINDS)]
             for m in outputs}
+
+
+def summarise(rows):
+    """{measure: mean over rows} for the measures judge_edit gives."""
+    return {k: float(np.mean([r[k] for r in rows])) for k in MEASURES}
 
 
 def main(argv=None):
@@ -101,15 +110,17 @@ def main(argv=None):
         result = run_case(args.model_dir, os.path.join(args.work_dir, f"clip{i}"), clip, edits, args.methods)
         for m, rows in result.items():
             totals[m].extend(rows)
-    print(f"{'method':8s} {'edit accuracy':>14s} {'motion px':>10s} {'temporal IoU':>13s}")
-    table = {}
+    print(f"{'method':8s} {'edits':12s} {'edit accuracy':>14s} {'motion px':>10s} {'temporal IoU':>13s}")
+    table, by_kind = {}, {}
     for m, rows in totals.items():
-        table[m] = {k: float(np.mean([r[k] for r in rows])) for k in ("edit_accuracy", "motion_px", "temporal_iou")}
-        print(f"{m:8s} {table[m]['edit_accuracy']:14.3f} {table[m]['motion_px']:10.2f} "
-              f"{table[m]['temporal_iou']:13.3f}")
+        table[m] = summarise(rows)
+        by_kind[m] = {kind: summarise([r for r in rows if r["kind"] == kind]) for kind in EDIT_KINDS}
+        for label, numbers in (("all", table[m]), *by_kind[m].items()):
+            print(f"{m:8s} {label:12s} {numbers['edit_accuracy']:14.3f} {numbers['motion_px']:10.2f} "
+                  f"{numbers['temporal_iou']:13.3f}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"clips": args.clips, "table": table}, f, indent=1)
+            json.dump({"clips": args.clips, "table": table, "by_kind": by_kind, "rows": totals}, f, indent=1)
     return 0
 
 
