@@ -22,6 +22,21 @@ from tests.helpers import REPO_ROOT
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FRAMES, STEPS = 4, 3  # few frames and steps: the whole test is a couple of minutes on two CPU cores
+# With TAV_UI_SCREENSHOTS (the README's pictures) the clip is tuned and edited with the world config's steps, so
+# the pictures show real edits of the world model; the checks are the same.
+TUNE_STEPS, EDIT_STEPS = (60, 25) if os.environ.get("TAV_UI_SCREENSHOTS") else (STEPS, STEPS)
+
+
+def world_clip(path):
+    """A clip of tav.world (a red square on white moving along a line, 8 frames), the form's default caption."""
+    import numpy as np
+
+    from tav import world
+    from tav.video import write_video
+
+    clip = world.random_clip(np.random.default_rng(0), n_frames=8, scene=world.Scene("red", "square", "white"),
+                             kind="line")
+    return write_video(clip.frames, path, fps=8)
 
 
 def free_port():
@@ -130,17 +145,17 @@ def test_tune_then_edit_in_the_browser(server, browser, tmp_path):
     assert not (work_dir / "models").exists()  # refused before anything was tuned
 
     clear_upload(browser)
-    clip = make_demo_clip(tmp_path / "clip.mp4", n_frames=8, height=64, width=64)
+    clip = world_clip(tmp_path / "clip.mp4")
     upload(browser, clip)
-    type_into(browser, "tune_steps", STEPS)
+    type_into(browser, "tune_steps", TUNE_STEPS)
     browser.find_element(By.ID, "tune_button").click()
     wait_for(browser, lambda d: status(d, "tune_status").startswith("done"), 600, "tuning to finish")
-    assert f"step {STEPS}/{STEPS}" in status(browser, "tune_status")
+    assert f"step {TUNE_STEPS}/{TUNE_STEPS}" in status(browser, "tune_status")
     assert "unet_delta.safetensors" in browser.find_element(By.ID, "tune_models").text
     screenshot(browser, "tune")
 
     open_tab(browser, "Edit")
-    type_into(browser, "edit_steps", STEPS)
+    type_into(browser, "edit_steps", EDIT_STEPS)
     browser.find_element(By.ID, "edit_button").click()
     wait_for(browser, lambda d: "done" in status(d, "edit_status"), 600, "the edit to finish")
     wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#edit_videos video")) >= 2, 60,
