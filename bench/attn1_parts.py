@@ -6,21 +6,19 @@ kernel reorganisation works too, its root `kernels/` package included).
     for repo in OLD NEW OLD NEW; do PYTHONPATH=$repo python bench/attn1_parts.py --threads 1; done
 """
 import argparse
-import resource
-import time
+import os
+import sys
 
 import numpy as np
 
+# Appended, not prepended: the `tav` on PYTHONPATH is the one measured (bench.measure is the same in both).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.measure import peak_rss_mb, time_step  # noqa: E402
+
 
 def median_ms(call, repeats):
-    call()
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    return 1e3 * time_step(call, warmup=1, repeats=repeats)["median_s"]
 
 
 def main(argv=None):
@@ -55,7 +53,7 @@ def main(argv=None):
     gather.set_train(False)
     whole = median_ms(lambda: layer(tokens, frames).asnumpy(), args.repeats)
     alone = median_ms(lambda: gather(tokens).asnumpy(), args.repeats)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     print(f"{tav.__file__}: attn1 {whole:.1f} ms, frame gather {alone:.2f} ms, native gather "
           f"{gather.context.native is not None}, peak RSS {peak:.0f} MiB")
     return 0

@@ -84,7 +84,8 @@ def run_case(model_dir, work_dir, clip, edits, methods=METHODS, seed=0, steps=25
         off = TuneAVideoPipeline.from_pretrained(model_dir, unet=delta_d)
         switch_off_temporal_attention(off.unet)
         outputs["d"] = world_demo.edit_clip(off, clip.frames, clip.caption, prompts, seed=seed)
-    return {m: [{"kind": kind, "source": clip.caption, "edit": e.caption, **world_demo.judge_edit(clip.frames, frames, e)}
+    return {m: [{"kind": kind, "source": clip.caption, "edit": e.caption,
+                 **world_demo.judge_edit(clip.frames, frames, e)}
                 for frames, e, kind in zip(outputs[m], edits, EDIT_KINDS)]
             for m in outputs}
 

@@ -178,9 +178,8 @@ class SampleRequest:
         return self.eval_clip_model is not None or self.pickscore_model is not None
 
 
-# The denoising settings a tuned delta carries from its run (tuned_run_defaults): validation_data key -> request field.
-RUN_SAMPLING_KEYS = {"num_inference_steps": "num_inference_steps", "num_inv_steps": "num_inv_steps",
-                     "guidance_scale": "guidance_scale"}
+# The denoising settings of a config's validation_data, by the names they have there and in a SampleRequest.
+VALIDATION_SAMPLING_FIELDS = ("num_inference_steps", "num_inv_steps", "guidance_scale")
 
 
 def tuned_run_defaults(unet):
@@ -202,7 +201,7 @@ def tuned_run_defaults(unet):
     except (ConfigError, OSError, ValueError) as exc:
         logger.warning("ignoring the run config beside the delta, %s: %s", path, exc)
         return {}
-    return {field_name: getattr(validation, key) for key, field_name in RUN_SAMPLING_KEYS.items()}
+    return {name: getattr(validation, name) for name in VALIDATION_SAMPLING_FIELDS}
 
 
 def request_from_config(config_path, **overrides):
@@ -220,8 +219,8 @@ def request_from_config(config_path, **overrides):
         source_prompt=train.prompt,
         video_length=val.video_length, height=val.height, width=val.width,
         sample_start_idx=train.sample_start_idx, sample_frame_rate=train.sample_frame_rate,
-        num_inference_steps=val.num_inference_steps, num_inv_steps=val.num_inv_steps,
-        guidance_scale=val.guidance_scale, seed=cfg.seed if cfg.seed is not None else 33,
+        seed=cfg.seed if cfg.seed is not None else 33,
+        **{name: getattr(val, name) for name in VALIDATION_SAMPLING_FIELDS},
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     return SampleRequest(**values)

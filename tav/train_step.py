@@ -67,7 +67,6 @@ def select_trainable(unet, trainable_modules):
     return selected
 
 
-
 class DiffusionLoss(nn.Cell):
     """The noise-prediction loss of one micro-step, times the loss scale:
 

@@ -5,15 +5,7 @@ attention, tuning, inversion, CFG, the VAE or the shipped weights moves these nu
 
 Tuning against no tuning (method b) is not asserted: in this world the untuned inflated model already edits as well
 from the same inverted noise (bench/world_ablation.py, docs/world.md), so there is no direction to hold."""
-import os
-
-import pytest
-
 from tav import world
-from tav.world_model import ASSET_DIR
-
-pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(ASSET_DIR, "model_index.json")),
-                                reason="no shipped world model (tools/make_world_model.py --retrain --assets)")
 
 
 def test_an_edit_from_the_inversion_keeps_the_path_and_one_from_noise_does_not(tmp_path):

@@ -42,8 +42,7 @@ def run_part(device, device_id, out_path):
     from tav.optim import AdamW
     from tav.schedulers import SD_V1_SCHEDULE, DDIMScheduler
     from tav.tiny import TINY_UNET_CONFIG
-    from tav.train_step import TrainStep
-    from tav.train_step import select_trainable
+    from tav.train_step import TrainStep, select_trainable
 
     rng = np.random.default_rng(0)
     frames = 4

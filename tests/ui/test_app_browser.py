@@ -16,6 +16,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from tav import world_demo
 from tav.evaluation import read_frames
 from tav.tiny import make_demo_clip
 from tests.helpers import REPO_ROOT
@@ -25,18 +26,6 @@ FRAMES, STEPS = 4, 3  # few frames and steps: the whole test is a couple of minu
 # With TAV_UI_SCREENSHOTS (the README's pictures) the clip is tuned and edited with the world config's steps, so
 # the pictures show real edits of the world model; the checks are the same.
 TUNE_STEPS, EDIT_STEPS = (60, 25) if os.environ.get("TAV_UI_SCREENSHOTS") else (STEPS, STEPS)
-
-
-def world_clip(path):
-    """A clip of tav.world (a red square on white moving along a line, 8 frames), the form's default caption."""
-    import numpy as np
-
-    from tav import world
-    from tav.video import write_video
-
-    clip = world.random_clip(np.random.default_rng(0), n_frames=8, scene=world.Scene("red", "square", "white"),
-                             kind="line")
-    return write_video(clip.frames, path, fps=8)
 
 
 def free_port():
@@ -145,7 +134,8 @@ def test_tune_then_edit_in_the_browser(server, browser, tmp_path):
     assert not (work_dir / "models").exists()  # refused before anything was tuned
 
     clear_upload(browser)
-    clip = world_clip(tmp_path / "clip.mp4")
+    # the world demo's clip: a red square on white, the form's default caption
+    clip = world_demo.write_clip(world_demo.demo_clip(n_frames=8), str(tmp_path / "clip.mp4"))
     upload(browser, clip)
     type_into(browser, "tune_steps", TUNE_STEPS)
     browser.find_element(By.ID, "tune_button").click()
