@@ -5,13 +5,21 @@ tav.tiny, an AutoencoderKL with SD's 8x downscale or, at `latent_downscale=4`, o
 CrossAttnDown/Up blocks around a UNetMidBlock2DCrossAttn, the DDIM scheduler with SD's noise schedule), trained
 by tav's own models on single frames of the world drawn at random positions:
 
-1. the VAE to reconstruct frames (L1 + MSE, the object's pixels weighted up, a small KL term); its scaling_factor
-   is then set to 1 / the latents' standard deviation, as SD's 0.18215 was;
+1. the VAE to reconstruct frames (L1 + MSE, the object's pixels weighted up, a small KL term; with
+   `presence_weight` > 0 also a presence channel, below); its scaling_factor is then set to 1 / the latents'
+   standard deviation, as SD's 0.18215 was;
 2. the UNet on captioned frames (epsilon prediction, timesteps uniform over the scheduler's DDPM schedule, 10% of
    captions dropped to "" so classifier-free guidance has an unconditional model). It is tav's 3-D
    UNet3DConditionModel run on 1-frame videos: sparse-causal attention over one frame is self-attention, and the
    temporal layers, excluded from training with their output projection (weight and bias) at zero, add nothing;
    it is saved in the 2-D layout without them, as the real SD UNet is.
+
+The presence channel: left to itself the VAE encodes a red and a blue object on white as latents that differ in
+sign in some channels, so the inverted noise of a red square says "no blue object here" where the square is,
+and an edit to a blue object draws it somewhere else. With `presence_weight` the encoder's mean in latent channel
+PRESENCE_CHANNEL is pulled to PRESENCE_LEVEL x the fraction of each latent cell the object covers, the same for
+every color and background, so where the object is and what outline it has are written the same way for every
+caption, and an edit of color keeps the place.
 
 `train_world_model(output_dir, seed)` writes the whole pipeline folder plus `world_model.json` (seed, steps, the
 command, the measured quality). Everything is drawn from numpy Generators and MindSpore's seed, so one seed gives
@@ -101,27 +109,51 @@ TEXT_HIDDEN_SIZE = 32
 CAPTION_DROPOUT = 0.1
 
 
+PRESENCE_CHANNEL = 3
+PRESENCE_LEVEL = 6.0  # about the size of an object's own latent deviation from its background's
+
+
+def object_coverage(frame, scene):
+    """(64, 64) float32 in [0, 1]: how much of each pixel the object covers, read back from the anti-aliased frame
+    as the fraction of the way from the background's color to the object's."""
+    background = np.array(world.BACKGROUNDS[scene.background], np.float32)
+    colour = np.array(world.COLORS[scene.color], np.float32)
+    channel = int(np.argmax(np.abs(colour - background)))
+    covered = (frame[..., channel].astype(np.float32) - background[channel]) / (colour[channel] - background[channel])
+    return np.clip(covered, 0.0, 1.0)
+
+
+def presence_targets(coverage, downscale):
+    """(n, 1, h, w): PRESENCE_LEVEL x the mean coverage of each downscale x downscale latent cell."""
+    n, size = coverage.shape[0], coverage.shape[-1] // downscale
+    cells = coverage.reshape(n, size, downscale, size, downscale).mean(axis=(2, 4))
+    return (PRESENCE_LEVEL * cells)[:, None].astype(np.float32)
+
+
 def frame_batch(rng, n):
-    """(pixels (n, 3, 64, 64) in [-1, 1] float32, object weights (n, 1, 64, 64), scenes)."""
-    frames, weights, scenes = [], [], []
+    """(pixels (n, 3, 64, 64) in [-1, 1] float32, object weights (n, 1, 64, 64), object coverage (n, 64, 64),
+    scenes)."""
+    frames, weights, coverage, scenes = [], [], [], []
     for _ in range(n):
         frame, scene, _ = world.random_frame(rng)
         background = np.array(world.BACKGROUNDS[scene.background], np.float32)
         near_object = np.abs(frame.astype(np.float32) - background).max(axis=-1) > 8
         frames.append(frame)
         weights.append(1.0 + 4.0 * near_object)
+        coverage.append(object_coverage(frame, scene))
         scenes.append(scene)
     pixels = np.stack(frames).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
-    return pixels, np.stack(weights)[:, None].astype(np.float32), scenes
+    return pixels, np.stack(weights)[:, None].astype(np.float32), np.stack(coverage), scenes
 
 
 class VAELoss(nn.Cell):
-    def __init__(self, vae, kl_weight):
+    def __init__(self, vae, kl_weight, presence_weight=0.0):
         super().__init__()
         self.vae = vae
         self.kl_weight = kl_weight
+        self.presence_weight = presence_weight
 
-    def construct(self, pixels, weights, noise):
+    def construct(self, pixels, weights, presence, noise):
         moments = self.vae.encode_moments(pixels)
         mean, logvar = ops.chunk(moments, 2, 1)
         logvar = ops.clamp(logvar, -30.0, 20.0)
@@ -130,7 +162,8 @@ class VAELoss(nn.Cell):
         error = recon - pixels
         rec = (weights * (ops.abs(error) + error * error)).mean()
         kl = 0.5 * (mean * mean + ops.exp(logvar) - 1.0 - logvar).sum(axis=(1, 2, 3)).mean()
-        return rec + self.kl_weight * kl
+        presence_error = mean[:, PRESENCE_CHANNEL:PRESENCE_CHANNEL + 1] - presence
+        return rec + self.kl_weight * kl + self.presence_weight * (presence_error * presence_error).mean()
 
 
 class UNetLoss(nn.Cell):
@@ -195,13 +228,15 @@ def vae_training_ops():
             os.environ[backend.NATIVE_KERNELS_ENV] = previous
 
 
-def train_vae(steps, batch_size=16, lr=1e-3, kl_weight=1e-6, seed=0, log_every=10, vae=None, latent_downscale=8):
-    """Train a fresh VAE (or go on training `vae`, with its own warmup and cosine schedule) for `steps` steps."""
+def train_vae(steps, batch_size=16, lr=1e-3, kl_weight=1e-6, seed=0, log_every=10, vae=None, latent_downscale=8,
+              presence_weight=0.0):
+    """Train a fresh VAE (or go on training `vae`, with its own warmup and cosine schedule) for `steps` steps;
+    `presence_weight` > 0 adds the presence channel's loss (the module docstring)."""
     with vae_training_ops():
-        return _train_vae(steps, batch_size, lr, kl_weight, seed, log_every, vae, latent_downscale)
+        return _train_vae(steps, batch_size, lr, kl_weight, seed, log_every, vae, latent_downscale, presence_weight)
 
 
-def _train_vae(steps, batch_size, lr, kl_weight, seed, log_every, vae, latent_downscale):
+def _train_vae(steps, batch_size, lr, kl_weight, seed, log_every, vae, latent_downscale, presence_weight):
     from tav.models.vae import AutoencoderKL
 
     ms.set_seed(seed)
@@ -209,14 +244,15 @@ def _train_vae(steps, batch_size, lr, kl_weight, seed, log_every, vae, latent_do
         vae = AutoencoderKL(world_vae_config(latent_downscale))
     latent = world.FRAME_SIZE // vae.downscale_factor
     weights = list(vae.trainable_params())
-    step_fn = GradStep(VAELoss(vae, kl_weight), weights)
+    step_fn = GradStep(VAELoss(vae, kl_weight, presence_weight), weights)
     optimizer = _optimizer(weights, steps, lr, warmup=min(100, steps // 10 + 1))
     rng = np.random.default_rng(seed)
     started = time.time()
     for step in range(steps):
-        pixels, object_weights, _ = frame_batch(rng, batch_size)
+        pixels, object_weights, coverage, _ = frame_batch(rng, batch_size)
         noise = rng.standard_normal((batch_size, 4, latent, latent)).astype(np.float32)
-        loss, grads = step_fn(ms.Tensor(pixels), ms.Tensor(object_weights), ms.Tensor(noise))
+        presence = presence_targets(coverage, vae.downscale_factor)
+        loss, grads = step_fn(ms.Tensor(pixels), ms.Tensor(object_weights), ms.Tensor(presence), ms.Tensor(noise))
         optimizer(grads)
         _log_every(step, steps, float(loss.asnumpy()), started, "vae", log_every)
     return vae
@@ -228,7 +264,7 @@ def encode_bank(vae, n, seed, batch_size=64):
     captions = [s.caption for s in world.all_scenes()]
     means, stds, labels = [], [], []
     for start in range(0, n, batch_size):
-        pixels, _, scenes = frame_batch(rng, min(batch_size, n - start))
+        pixels, _, _, scenes = frame_batch(rng, min(batch_size, n - start))
         moments = vae.encode_moments(ms.Tensor(pixels)).asnumpy()
         mean, logvar = np.split(moments, 2, axis=1)
         means.append(mean)
@@ -318,12 +354,13 @@ def save_unet_2d(unet, folder):
 
 def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_size=20000, command=None,
                       vae_batch=16, unet_batch=32, vae_from=None, vae_refine_steps=0, vae_refine_lr=3e-4,
-                      latent_downscale=8):
+                      latent_downscale=8, presence_weight=0.0):
     """Write a trained world pipeline folder into `output_dir` (see the module docstring); returns its record.
     `vae_from`: a VAE folder this function wrote before (same seed and steps), reused instead of stage 1.
     `vae_refine_steps`: then go on training the VAE that many steps at the lower peak `vae_refine_lr` (a second
     cosine schedule; the L1 + MSE loss was still falling, and sharper corners are what tell squares from circles).
-    `latent_downscale`: 8 (SD's) or 4 (world_vae_config); a reused VAE brings its own."""
+    `latent_downscale`: 8 (SD's) or 4 (world_vae_config); a reused VAE brings its own.
+    `presence_weight`: the presence channel's loss weight in the VAE's training and refine (0: none)."""
     from tav.models.vae import AutoencoderKL
     from tav.schedulers import DDIMScheduler
 
@@ -338,9 +375,11 @@ def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_
         with vae_training_ops():  # built with the ops a refine's training graph needs
             vae = AutoencoderKL.from_pretrained(vae_from)
     else:
-        vae = train_vae(vae_steps, batch_size=vae_batch, seed=seed, latent_downscale=latent_downscale)
+        vae = train_vae(vae_steps, batch_size=vae_batch, seed=seed, latent_downscale=latent_downscale,
+                        presence_weight=presence_weight)
     if vae_refine_steps:
-        vae = train_vae(vae_refine_steps, batch_size=vae_batch, lr=vae_refine_lr, seed=seed + 3, vae=vae)
+        vae = train_vae(vae_refine_steps, batch_size=vae_batch, lr=vae_refine_lr, seed=seed + 3, vae=vae,
+                        presence_weight=presence_weight)
     vae_seconds = time.time() - started
     bank = encode_bank(vae, bank_size, seed + 2)
     scaling_factor = 1.0 / float(np.sqrt((bank[0] ** 2).mean() + (bank[1] ** 2).mean()))
@@ -362,6 +401,7 @@ def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_
         "vae_reused_from": vae_from,
         "vae_refine_steps": vae_refine_steps,
         "vae_refine_lr": vae_refine_lr,
+        "presence_weight": presence_weight,
         "scaling_factor": scaling_factor,
         "train_seconds": round(time.time() - started, 1),
     }

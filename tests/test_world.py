@@ -171,8 +171,10 @@ def test_a_retrain_writes_a_loadable_pipeline_and_a_refine_goes_on_from_a_reused
     sizes = dict(vae_steps=1, unet_steps=1, bank_size=4, vae_batch=2, unet_batch=2)
     first, second = tmp_path / "first", tmp_path / "second"
     train_world_model(str(first), **sizes)
-    record = train_world_model(str(second), vae_from=str(first / "vae"), vae_refine_steps=1, **sizes)
+    record = train_world_model(str(second), vae_from=str(first / "vae"), vae_refine_steps=1, presence_weight=0.5,
+                               **sizes)
     assert (record["vae_reused_from"], record["vae_refine_steps"], record["vae_steps"]) == (str(first / "vae"), 1, None)
+    assert record["presence_weight"] == 0.5
     assert json.loads((second / "world_model.json").read_text())["vae_refine_steps"] == 1
     before, after = (read_state_dict(str(d / "vae" / "diffusion_pytorch_model.safetensors")) for d in (first, second))
     assert before.keys() == after.keys()
@@ -210,3 +212,43 @@ def test_a_quarter_scale_world_model_has_16x16_latents_for_64_pixel_frames(tmp_p
     with pytest.raises(ValueError, match="latent_downscale"):
         train_world_model(str(tmp_path / "refused"), latent_downscale=2)
     assert not (tmp_path / "refused").exists()  # refused before anything is written
+
+
+def test_the_presence_target_is_the_objects_coverage_of_each_latent_cell_whatever_its_colors():
+    """The VAE's presence channel is pulled to PRESENCE_LEVEL x the fraction of each latent cell the object covers,
+    read back from the frame: the same numbers for every color and background, zero off the object."""
+    from tav.world_training import PRESENCE_LEVEL, object_coverage, presence_targets
+
+    targets = []
+    for color, background in (("red", "white"), ("yellow", "white"), ("blue", "black"), ("green", "gray")):
+        scene = world.Scene(color, "square", background)
+        coverage = object_coverage(world.render_frame(scene, (24, 40)), scene)  # box [16, 32) x [32, 48)
+        targets.append(presence_targets(coverage[None], 4)[0, 0])
+    expected = np.zeros((16, 16), np.float32)
+    expected[8:12, 4:8] = PRESENCE_LEVEL
+    for target in targets:
+        np.testing.assert_allclose(target, expected, atol=1e-6)
+    circle = world.Scene("red", "circle", "white")
+    coverage = object_coverage(world.render_frame(circle, (24.5, 40.25)), circle)
+    assert coverage.sum() == pytest.approx(np.pi * 8 ** 2, rel=0.02)  # anti-aliased edges counted in part
+
+
+def test_the_vae_loss_adds_the_weighted_presence_error_of_its_channel():
+    import mindspore as ms
+
+    from tav.models.vae import AutoencoderKL
+    from tav.world_training import PRESENCE_CHANNEL, VAELoss, frame_batch, presence_targets, vae_training_ops, \
+        world_vae_config
+
+    rng = np.random.default_rng(0)
+    pixels, weights, coverage, _ = frame_batch(rng, 2)
+    presence = presence_targets(coverage, 4)
+    noise = np.zeros((2, 4, 16, 16), np.float32)  # z = the mean: the loss is deterministic
+    with vae_training_ops():
+        ms.set_seed(0)
+        vae = AutoencoderKL(world_vae_config(4))
+    inputs = [ms.Tensor(a) for a in (pixels, weights, presence, noise)]
+    without, weighted = (float(VAELoss(vae, 1e-6, w)(*inputs).asnumpy()) for w in (0.0, 0.5))
+    mean = vae.encode_moments(inputs[0]).asnumpy()[:, PRESENCE_CHANNEL:PRESENCE_CHANNEL + 1]
+    assert weighted - without == pytest.approx(0.5 * ((mean - presence) ** 2).mean(), rel=1e-4)
+    assert weighted - without > 0.1  # an untrained encoder is far from the targets

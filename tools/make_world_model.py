@@ -31,6 +31,9 @@ def main(argv=None):
     parser.add_argument("--vae_refine_lr", type=float, default=None)
     parser.add_argument("--latent_downscale", type=int, default=None, choices=(8, 4),
                         help="pixels per latent cell: 8 (SD's) or 4 (16x16 latents, objects of 4x4 cells)")
+    parser.add_argument("--presence_weight", type=float, default=None,
+                        help="weight of the VAE's presence-channel loss (where the object is, written the same way "
+                             "for every color and background; default 0)")
     parser.add_argument("--threads", type=int, default=None,
                         help="MindSpore CPU op threads (--retrain; default: the cores available)")
     parser.add_argument("--assets", action="store_true",
@@ -48,7 +51,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     backend.configure(device_target="CPU", mode=0, cpu_threads=args.threads)
     names = ("vae_steps", "unet_steps", "vae_batch", "unet_batch", "bank_size", "vae_from", "vae_refine_steps",
-             "vae_refine_lr", "latent_downscale")
+             "vae_refine_lr", "latent_downscale", "presence_weight")
     steps = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     command = "python tools/make_world_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     record = world_training.train_world_model(args.output_dir, seed=args.seed, command=command, **steps)
