@@ -283,13 +283,21 @@ def caption_embeddings(pipeline_dir):
     return encode_prompts(tokenizer, encoder, captions).asnumpy()
 
 
-def build_unet(seed, latent_downscale=8):
+def build_unet(seed, latent_downscale=8, unet_from=None):
     """The 3-D UNet for 1-frame training: temporal output projections zeroed (weight and bias), so a 1-frame
-    temporal attention adds exactly nothing and the trained function is the 2-D UNet's."""
+    temporal attention adds exactly nothing and the trained function is the 2-D UNet's. `unet_from`: a unet/
+    folder (or pipeline folder) save_unet_2d wrote, whose weights it starts from instead of a fresh init."""
     from tav.models.unet3d import UNet3DConditionModel, is_temporal_key
 
     ms.set_seed(seed)
-    unet = UNet3DConditionModel(world_unet_config(latent_downscale))
+    if unet_from:
+        unet = UNet3DConditionModel.from_pretrained_2d(unet_from)
+        if unet.config.sample_size * latent_downscale != world.FRAME_SIZE:
+            raise ValueError(f"--unet_from {unet_from}: its UNet takes {unet.config.sample_size}x"
+                             f"{unet.config.sample_size} latents, the VAE writes "
+                             f"{world.FRAME_SIZE // latent_downscale}x{world.FRAME_SIZE // latent_downscale}")
+    else:
+        unet = UNet3DConditionModel(world_unet_config(latent_downscale))
     for name, param in unet.parameters_and_names():
         if is_temporal_key(name) and ".to_out." in name:
             param.set_data(ops.zeros(param.shape, param.dtype))
@@ -298,10 +306,10 @@ def build_unet(seed, latent_downscale=8):
 
 
 def train_unet(bank, embeddings, scaling_factor, alphas_cumprod, steps, batch_size=32, lr=1e-3, seed=0,
-               log_every=10):
+               log_every=10, unet_from=None):
     means, stds, labels = bank
     alphas = np.asarray(alphas_cumprod, np.float64)
-    unet, weights = build_unet(seed, world.FRAME_SIZE // means.shape[-1])
+    unet, weights = build_unet(seed, world.FRAME_SIZE // means.shape[-1], unet_from)
     step_fn = GradStep(UNetLoss(unet), weights)
     optimizer = _optimizer(weights, steps, lr, warmup=min(200, steps // 10 + 1))
     rng = np.random.default_rng(seed + 1)
@@ -354,17 +362,22 @@ def save_unet_2d(unet, folder):
 
 def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_size=20000, command=None,
                       vae_batch=16, unet_batch=32, vae_from=None, vae_refine_steps=0, vae_refine_lr=3e-4,
-                      latent_downscale=8, presence_weight=0.0):
+                      latent_downscale=8, presence_weight=0.0, unet_from=None, unet_lr=1e-3):
     """Write a trained world pipeline folder into `output_dir` (see the module docstring); returns its record.
     `vae_from`: a VAE folder this function wrote before (same seed and steps), reused instead of stage 1.
     `vae_refine_steps`: then go on training the VAE that many steps at the lower peak `vae_refine_lr` (a second
     cosine schedule; the L1 + MSE loss was still falling, and sharper corners are what tell squares from circles).
     `latent_downscale`: 8 (SD's) or 4 (world_vae_config); a reused VAE brings its own.
-    `presence_weight`: the presence channel's loss weight in the VAE's training and refine (0: none)."""
+    `presence_weight`: the presence channel's loss weight in the VAE's training and refine (0: none).
+    `unet_from`: a UNet folder this function wrote (for the same VAE: pass its folder as `vae_from`), trained on for
+    `unet_steps` more steps at peak `unet_lr` (a new cosine schedule) instead of a new UNet."""
     from tav.models.vae import AutoencoderKL
     from tav.schedulers import DDIMScheduler
 
     check_latent_downscale(latent_downscale)  # before anything is written
+    if unet_from and not vae_from:
+        raise ValueError(f"unet_from={unet_from!r} needs vae_from: a UNet learned one VAE's latents, so it trains on "
+                         "only with that VAE")
     started = time.time()
     os.makedirs(output_dir, exist_ok=True)
     write_text_parts(output_dir, seed)
@@ -387,7 +400,7 @@ def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_
     logger.info(f"vae trained in {vae_seconds:.0f}s; scaling_factor {scaling_factor:.4f}")
 
     unet = train_unet(bank, embeddings, scaling_factor, alphas_cumprod, unet_steps, batch_size=unet_batch,
-                      seed=seed)
+                      lr=unet_lr, seed=seed + 5 if unet_from else seed, unet_from=unet_from)
     save_unet_2d(unet, os.path.join(output_dir, "unet"))
     record = {
         "seed": seed,
@@ -401,6 +414,8 @@ def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_
         "vae_reused_from": vae_from,
         "vae_refine_steps": vae_refine_steps,
         "vae_refine_lr": vae_refine_lr,
+        "unet_from": unet_from,
+        "unet_lr": unet_lr,
         "presence_weight": presence_weight,
         "scaling_factor": scaling_factor,
         "train_seconds": round(time.time() - started, 1),

@@ -158,10 +158,10 @@ def test_the_vae_training_graph_gives_the_eager_gradients_run_after_run():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7, err_msg=f"run {run + 1}")
 
 
-def test_a_retrain_writes_a_loadable_pipeline_and_a_refine_goes_on_from_a_reused_vae(tmp_path):
+def test_a_retrain_writes_a_loadable_pipeline_and_goes_on_from_a_reused_vae_and_unet(tmp_path):
     """tools/make_world_model.py --retrain's path at toy sizes: the folder loads as a pipeline, and a second run
-    that reuses the first VAE and refines it (vae_from + vae_refine_steps) changes the VAE's weights and records
-    where they came from."""
+    that reuses the first VAE and refines it (vae_from + vae_refine_steps) and trains on from the first UNet
+    (unet_from) changes the weights, records where they came from, and starts from the saved UNet's weights."""
     import json
 
     from tav.checkpoint import read_state_dict
@@ -172,9 +172,22 @@ def test_a_retrain_writes_a_loadable_pipeline_and_a_refine_goes_on_from_a_reused
     first, second = tmp_path / "first", tmp_path / "second"
     train_world_model(str(first), **sizes)
     record = train_world_model(str(second), vae_from=str(first / "vae"), vae_refine_steps=1, presence_weight=0.5,
-                               **sizes)
+                               unet_from=str(first / "unet"), unet_lr=3e-4, **sizes)
     assert (record["vae_reused_from"], record["vae_refine_steps"], record["vae_steps"]) == (str(first / "vae"), 1, None)
-    assert record["presence_weight"] == 0.5
+    assert (record["presence_weight"], record["unet_from"], record["unet_lr"]) == (0.5, str(first / "unet"), 3e-4)
+    from tav.checkpoint import cell_state_dict
+    from tav.world_training import build_unet
+
+    saved = read_state_dict(str(first / "unet" / "diffusion_pytorch_model.safetensors"))
+    resumed = cell_state_dict(build_unet(0, unet_from=str(first / "unet"))[0])
+    assert all(np.array_equal(resumed[k], saved[k].astype(np.float32)) for k in saved)
+    trained_on = read_state_dict(str(second / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not np.array_equal(saved[k], trained_on[k]) for k in saved)
+    with pytest.raises(ValueError, match="takes 8x8 latents, the VAE writes 16x16"):
+        build_unet(0, latent_downscale=4, unet_from=str(first / "unet"))
+    with pytest.raises(ValueError, match="needs vae_from"):
+        train_world_model(str(tmp_path / "refused"), unet_from=str(first / "unet"))
+    assert not (tmp_path / "refused").exists()
     assert json.loads((second / "world_model.json").read_text())["vae_refine_steps"] == 1
     before, after = (read_state_dict(str(d / "vae" / "diffusion_pytorch_model.safetensors")) for d in (first, second))
     assert before.keys() == after.keys()

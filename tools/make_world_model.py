@@ -29,6 +29,9 @@ def main(argv=None):
     parser.add_argument("--vae_refine_steps", type=int, default=None,
                         help="then train the VAE this many more steps at --vae_refine_lr (its own schedule)")
     parser.add_argument("--vae_refine_lr", type=float, default=None)
+    parser.add_argument("--unet_from", default=None,
+                        help="train on from a UNet folder an earlier --retrain wrote (with --vae_from its VAE)")
+    parser.add_argument("--unet_lr", type=float, default=None, help="the UNet's peak learning rate (default 1e-3)")
     parser.add_argument("--latent_downscale", type=int, default=None, choices=(8, 4),
                         help="pixels per latent cell: 8 (SD's) or 4 (16x16 latents, objects of 4x4 cells)")
     parser.add_argument("--presence_weight", type=float, default=None,
@@ -51,7 +54,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     backend.configure(device_target="CPU", mode=0, cpu_threads=args.threads)
     names = ("vae_steps", "unet_steps", "vae_batch", "unet_batch", "bank_size", "vae_from", "vae_refine_steps",
-             "vae_refine_lr", "latent_downscale", "presence_weight")
+             "vae_refine_lr", "latent_downscale", "presence_weight", "unet_from", "unet_lr")
     steps = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     command = "python tools/make_world_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     record = world_training.train_world_model(args.output_dir, seed=args.seed, command=command, **steps)
