@@ -37,7 +37,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from tav import world
-from tav.checkpoint import cell_state_dict, save_state_dict, write_json_atomic
+from tav.checkpoint import cell_state_dict, read_json, save_state_dict, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -360,6 +360,14 @@ def save_unet_2d(unet, folder):
     write_json_atomic(config, os.path.join(folder, "config.json"))
 
 
+def earlier_record(part_dir):
+    """The training record of the pipeline folder a reused `unet/` or `vae/` folder sits in, or None."""
+    if not part_dir:
+        return None
+    path = os.path.join(os.path.dirname(os.path.abspath(part_dir)), "world_model.json")
+    return read_json(path, "world model training record") if os.path.isfile(path) else None
+
+
 def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_size=20000, command=None,
                       vae_batch=16, unet_batch=32, vae_from=None, vae_refine_steps=0, vae_refine_lr=3e-4,
                       latent_downscale=8, presence_weight=0.0, unet_from=None, unet_lr=1e-3):
@@ -416,9 +424,13 @@ def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_
         "vae_refine_lr": vae_refine_lr,
         "unet_from": unet_from,
         "unet_lr": unet_lr,
-        "presence_weight": presence_weight,
+        # a reused VAE's presence channel was set by the run that trained it, unless refined here
+        "presence_weight": presence_weight if vae_refine_steps or not vae_from else None,
         "scaling_factor": scaling_factor,
         "train_seconds": round(time.time() - started, 1),
     }
+    earlier = earlier_record(unet_from or vae_from)
+    if earlier is not None:  # the weights went on from another run: keep how that one was made
+        record["continued_from"] = earlier
     write_json_atomic(record, os.path.join(output_dir, "world_model.json"))
     return record

@@ -188,7 +188,9 @@ def test_a_retrain_writes_a_loadable_pipeline_and_goes_on_from_a_reused_vae_and_
     with pytest.raises(ValueError, match="needs vae_from"):
         train_world_model(str(tmp_path / "refused"), unet_from=str(first / "unet"))
     assert not (tmp_path / "refused").exists()
-    assert json.loads((second / "world_model.json").read_text())["vae_refine_steps"] == 1
+    written = json.loads((second / "world_model.json").read_text())
+    assert written["vae_refine_steps"] == 1
+    assert written["continued_from"] == json.loads((first / "world_model.json").read_text())
     before, after = (read_state_dict(str(d / "vae" / "diffusion_pytorch_model.safetensors")) for d in (first, second))
     assert before.keys() == after.keys()
     assert any(not np.array_equal(before[k], after[k]) for k in before)
