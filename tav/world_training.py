@@ -38,6 +38,7 @@ from mindspore import nn, ops
 
 from tav import world
 from tav.checkpoint import cell_state_dict, read_json, save_state_dict, write_json_atomic
+from tav.world_model import RECORD
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +365,7 @@ def earlier_record(part_dir):
     """The training record of the pipeline folder a reused `unet/` or `vae/` folder sits in, or None."""
     if not part_dir:
         return None
-    path = os.path.join(os.path.dirname(os.path.abspath(part_dir)), "world_model.json")
+    path = os.path.join(os.path.dirname(os.path.abspath(part_dir)), RECORD)
     return read_json(path, "world model training record") if os.path.isfile(path) else None
 
 
@@ -432,5 +433,5 @@ def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_
     earlier = earlier_record(unet_from or vae_from)
     if earlier is not None:  # the weights went on from another run: keep how that one was made
         record["continued_from"] = earlier
-    write_json_atomic(record, os.path.join(output_dir, "world_model.json"))
+    write_json_atomic(record, os.path.join(output_dir, RECORD))
     return record
