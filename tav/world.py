@@ -90,6 +90,12 @@ def _coverage(shape, cx, cy):
     return inside.reshape(FRAME_SIZE, _SUPERSAMPLE, FRAME_SIZE, _SUPERSAMPLE).mean(axis=(1, 3))
 
 
+def box_coverage(center):
+    """(64, 64) float: the fraction of each pixel inside the object's 16x16 box centred at `center` = (x, y), the
+    same for every shape (a square fills its box)."""
+    return _coverage("square", float(center[0]), float(center[1]))
+
+
 def render_frame(scene, center):
     """One (64, 64, 3) uint8 frame of `scene` with the object's box centred at `center` = (x, y) in pixels."""
     cx, cy = float(center[0]), float(center[1])

@@ -19,7 +19,9 @@ sign in some channels, so the inverted noise of a red square says "no blue objec
 and an edit to a blue object draws it somewhere else. With `presence_weight` the encoder's mean in latent channel
 PRESENCE_CHANNEL is pulled to PRESENCE_LEVEL x the fraction of each latent cell the object covers, the same for
 every color and background, so where the object is and what outline it has are written the same way for every
-caption, and an edit of color keeps the place.
+caption, and an edit of color keeps the place. With `presence_region="box"` the channel marks the object's 16x16 box
+instead of its own pixels: the same for a square, a circle and a triangle at one place, so the inverted noise of a
+square does not say "no triangle here" either.
 
 `train_world_model(output_dir, seed)` writes the whole pipeline folder plus `world_model.json` (seed, steps, the
 command, the measured quality). Everything is drawn from numpy Generators and MindSpore's seed, so one seed gives
@@ -131,17 +133,26 @@ def presence_targets(coverage, downscale):
     return (PRESENCE_LEVEL * cells)[:, None].astype(np.float32)
 
 
-def frame_batch(rng, n):
-    """(pixels (n, 3, 64, 64) in [-1, 1] float32, object weights (n, 1, 64, 64), object coverage (n, 64, 64),
-    scenes)."""
+PRESENCE_REGIONS = ("object", "box")
+
+
+def check_presence_region(presence_region):
+    if presence_region not in PRESENCE_REGIONS:
+        raise ValueError(f"presence_region={presence_region!r}; expected one of {', '.join(PRESENCE_REGIONS)}")
+
+
+def frame_batch(rng, n, presence_region="object"):
+    """(pixels (n, 3, 64, 64) in [-1, 1] float32, object weights (n, 1, 64, 64), coverage (n, 64, 64), scenes).
+    The coverage is the presence channel's region: the object's own pixels ("object") or its 16x16 box ("box")."""
+    check_presence_region(presence_region)
     frames, weights, coverage, scenes = [], [], [], []
     for _ in range(n):
-        frame, scene, _ = world.random_frame(rng)
+        frame, scene, center = world.random_frame(rng)
         background = np.array(world.BACKGROUNDS[scene.background], np.float32)
         near_object = np.abs(frame.astype(np.float32) - background).max(axis=-1) > 8
         frames.append(frame)
         weights.append(1.0 + 4.0 * near_object)
-        coverage.append(object_coverage(frame, scene))
+        coverage.append(object_coverage(frame, scene) if presence_region == "object" else world.box_coverage(center))
         scenes.append(scene)
     pixels = np.stack(frames).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
     return pixels, np.stack(weights)[:, None].astype(np.float32), np.stack(coverage), scenes
@@ -230,14 +241,17 @@ def vae_training_ops():
 
 
 def train_vae(steps, batch_size=16, lr=1e-3, kl_weight=1e-6, seed=0, log_every=10, vae=None, latent_downscale=8,
-              presence_weight=0.0):
+              presence_weight=0.0, presence_region="object"):
     """Train a fresh VAE (or go on training `vae`, with its own warmup and cosine schedule) for `steps` steps;
-    `presence_weight` > 0 adds the presence channel's loss (the module docstring)."""
+    `presence_weight` > 0 adds the presence channel's loss over `presence_region` (the module docstring)."""
+    check_presence_region(presence_region)
     with vae_training_ops():
-        return _train_vae(steps, batch_size, lr, kl_weight, seed, log_every, vae, latent_downscale, presence_weight)
+        return _train_vae(steps, batch_size, lr, kl_weight, seed, log_every, vae, latent_downscale, presence_weight,
+                          presence_region)
 
 
-def _train_vae(steps, batch_size, lr, kl_weight, seed, log_every, vae, latent_downscale, presence_weight):
+def _train_vae(steps, batch_size, lr, kl_weight, seed, log_every, vae, latent_downscale, presence_weight,
+               presence_region):
     from tav.models.vae import AutoencoderKL
 
     ms.set_seed(seed)
@@ -250,7 +264,7 @@ def _train_vae(steps, batch_size, lr, kl_weight, seed, log_every, vae, latent_do
     rng = np.random.default_rng(seed)
     started = time.time()
     for step in range(steps):
-        pixels, object_weights, coverage, _ = frame_batch(rng, batch_size)
+        pixels, object_weights, coverage, _ = frame_batch(rng, batch_size, presence_region)
         noise = rng.standard_normal((batch_size, 4, latent, latent)).astype(np.float32)
         presence = presence_targets(coverage, vae.downscale_factor)
         loss, grads = step_fn(ms.Tensor(pixels), ms.Tensor(object_weights), ms.Tensor(presence), ms.Tensor(noise))
@@ -371,19 +385,22 @@ def earlier_record(part_dir):
 
 def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_size=20000, command=None,
                       vae_batch=16, unet_batch=32, vae_from=None, vae_refine_steps=0, vae_refine_lr=3e-4,
-                      latent_downscale=8, presence_weight=0.0, unet_from=None, unet_lr=1e-3):
+                      latent_downscale=8, presence_weight=0.0, presence_region="object", unet_from=None,
+                      unet_lr=1e-3):
     """Write a trained world pipeline folder into `output_dir` (see the module docstring); returns its record.
     `vae_from`: a VAE folder this function wrote before (same seed and steps), reused instead of stage 1.
     `vae_refine_steps`: then go on training the VAE that many steps at the lower peak `vae_refine_lr` (a second
     cosine schedule; the L1 + MSE loss was still falling, and sharper corners are what tell squares from circles).
     `latent_downscale`: 8 (SD's) or 4 (world_vae_config); a reused VAE brings its own.
-    `presence_weight`: the presence channel's loss weight in the VAE's training and refine (0: none).
+    `presence_weight`: the presence channel's loss weight in the VAE's training and refine (0: none);
+    `presence_region`: what it marks, the object's own pixels ("object") or its box ("box", the same for every shape).
     `unet_from`: a UNet folder this function wrote (for the same VAE: pass its folder as `vae_from`), trained on for
     `unet_steps` more steps at peak `unet_lr` (a new cosine schedule) instead of a new UNet."""
     from tav.models.vae import AutoencoderKL
     from tav.schedulers import DDIMScheduler
 
     check_latent_downscale(latent_downscale)  # before anything is written
+    check_presence_region(presence_region)
     if unet_from and not vae_from:
         raise ValueError(f"unet_from={unet_from!r} needs vae_from: a UNet learned one VAE's latents, so it trains on "
                          "only with that VAE")
@@ -398,10 +415,10 @@ def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_
             vae = AutoencoderKL.from_pretrained(vae_from)
     else:
         vae = train_vae(vae_steps, batch_size=vae_batch, seed=seed, latent_downscale=latent_downscale,
-                        presence_weight=presence_weight)
+                        presence_weight=presence_weight, presence_region=presence_region)
     if vae_refine_steps:
         vae = train_vae(vae_refine_steps, batch_size=vae_batch, lr=vae_refine_lr, seed=seed + 3, vae=vae,
-                        presence_weight=presence_weight)
+                        presence_weight=presence_weight, presence_region=presence_region)
     vae_seconds = time.time() - started
     bank = encode_bank(vae, bank_size, seed + 2)
     scaling_factor = 1.0 / float(np.sqrt((bank[0] ** 2).mean() + (bank[1] ** 2).mean()))
@@ -427,6 +444,7 @@ def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_
         "unet_lr": unet_lr,
         # a reused VAE's presence channel was set by the run that trained it, unless refined here
         "presence_weight": presence_weight if vae_refine_steps or not vae_from else None,
+        "presence_region": presence_region if vae_refine_steps or not vae_from else None,
         "scaling_factor": scaling_factor,
         "train_seconds": round(time.time() - started, 1),
     }

@@ -248,6 +248,29 @@ def test_the_presence_target_is_the_objects_coverage_of_each_latent_cell_whateve
     assert coverage.sum() == pytest.approx(np.pi * 8 ** 2, rel=0.02)  # anti-aliased edges counted in part
 
 
+def test_a_box_presence_target_is_the_objects_box_whatever_its_shape():
+    """presence_region="box" marks the object's 16x16 box: a circle's and a triangle's targets are the square's at
+    the same centre, the frames and the random draws are those of the object's own region."""
+    from tav.world_training import frame_batch, object_coverage, presence_targets
+
+    center = (24.5, 40.25)
+    square = world.Scene("red", "square", "white")
+    expected = presence_targets(object_coverage(world.render_frame(square, center), square)[None], 4)
+    np.testing.assert_allclose(presence_targets(world.box_coverage(center)[None], 4), expected, atol=1e-6)
+    for shape in ("circle", "triangle"):
+        scene = world.Scene("blue", shape, "black")
+        own = presence_targets(object_coverage(world.render_frame(scene, center), scene)[None], 4)
+        assert np.abs(own - expected).max() > 1.0  # its own pixels leave corners of the box empty
+    by_object = frame_batch(np.random.default_rng(3), 6, "object")
+    by_box = frame_batch(np.random.default_rng(3), 6, "box")
+    np.testing.assert_array_equal(by_object[0], by_box[0])
+    assert by_object[3] == by_box[3]
+    # the object's coverage is read back from rounded pixels: a hundredth or so above the exact one at edges
+    assert (by_box[2] >= by_object[2] - 0.02).all() and by_box[2].sum() > by_object[2].sum()
+    with pytest.raises(ValueError, match="presence_region='outline'"):
+        frame_batch(np.random.default_rng(3), 1, "outline")
+
+
 def test_the_vae_loss_adds_the_weighted_presence_error_of_its_channel():
     import mindspore as ms
 

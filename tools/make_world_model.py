@@ -37,6 +37,9 @@ def main(argv=None):
     parser.add_argument("--presence_weight", type=float, default=None,
                         help="weight of the VAE's presence-channel loss (where the object is, written the same way "
                              "for every color and background; default 0)")
+    parser.add_argument("--presence_region", default=None, choices=("object", "box"),
+                        help="what the presence channel marks: the object's own pixels (default) or its 16x16 box, "
+                             "the same for every shape")
     parser.add_argument("--threads", type=int, default=None,
                         help="MindSpore CPU op threads (--retrain; default: the cores available)")
     parser.add_argument("--assets", action="store_true",
@@ -54,7 +57,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     backend.configure(device_target="CPU", mode=0, cpu_threads=args.threads)
     names = ("vae_steps", "unet_steps", "vae_batch", "unet_batch", "bank_size", "vae_from", "vae_refine_steps",
-             "vae_refine_lr", "latent_downscale", "presence_weight", "unet_from", "unet_lr")
+             "vae_refine_lr", "latent_downscale", "presence_weight", "presence_region", "unet_from", "unet_lr")
     steps = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     command = "python tools/make_world_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     record = world_training.train_world_model(args.output_dir, seed=args.seed, command=command, **steps)
