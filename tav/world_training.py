@@ -416,6 +416,7 @@ def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_
     else:
         vae = train_vae(vae_steps, batch_size=vae_batch, seed=seed, latent_downscale=latent_downscale,
                         presence_weight=presence_weight, presence_region=presence_region)
+    vae_trained_here = bool(vae_refine_steps or not vae_from)
     if vae_refine_steps:
         vae = train_vae(vae_refine_steps, batch_size=vae_batch, lr=vae_refine_lr, seed=seed + 3, vae=vae,
                         presence_weight=presence_weight, presence_region=presence_region)
@@ -443,8 +444,8 @@ def train_world_model(output_dir, seed=0, vae_steps=1500, unet_steps=4000, bank_
         "unet_from": unet_from,
         "unet_lr": unet_lr,
         # a reused VAE's presence channel was set by the run that trained it, unless refined here
-        "presence_weight": presence_weight if vae_refine_steps or not vae_from else None,
-        "presence_region": presence_region if vae_refine_steps or not vae_from else None,
+        "presence_weight": presence_weight if vae_trained_here else None,
+        "presence_region": presence_region if vae_trained_here else None,
         "scaling_factor": scaling_factor,
         "train_seconds": round(time.time() - started, 1),
     }
