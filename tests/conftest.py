@@ -72,6 +72,7 @@ SLOW_TESTS = (
     "tests/test_ldm_checkpoint.py::test_pipeline_from_a_single_file_gives_identical_outputs[mindspore]",
     "tests/test_evaluation.py::test_the_tool_prints_a_table",
     "tests/test_world.py::test_a_retrain_writes_a_loadable_pipeline",
+    "tests/test_world.py::test_the_recipe_runs_its_stages_in_order",
 )
 
 

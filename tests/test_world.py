@@ -1,4 +1,6 @@
 """tav.world: the generator obeys the world's rules and the pixel-level reader reads its frames right."""
+import os
+
 import numpy as np
 import pytest
 
@@ -290,3 +292,64 @@ def test_the_vae_loss_adds_the_weighted_presence_error_of_its_channel():
     mean = vae.encode_moments(inputs[0]).asnumpy()[:, PRESENCE_CHANNEL:PRESENCE_CHANNEL + 1]
     assert weighted - without == pytest.approx(0.5 * ((mean - presence) ** 2).mean(), rel=1e-4)
     assert weighted - without > 0.1  # an untrained encoder is far from the targets
+
+
+def test_the_shipped_recipe_is_how_the_shipped_weights_were_made():
+    """tools/make_world_model.py --retrain runs SHIPPED_RECIPE: its stages, last first, carry the settings that the
+    shipped world_model.json records for each run in its continued_from chain."""
+    from tav.checkpoint import read_json
+    from tav.world_model import ASSET_DIR, RECORD
+    from tav.world_training import SHIPPED_RECIPE
+
+    record = read_json(os.path.join(ASSET_DIR, RECORD), "world model record")
+    chain = []
+    while record is not None:
+        chain.append(record)
+        record = record.get("continued_from")
+    assert len(chain) == len(SHIPPED_RECIPE)
+    recorded_as = {"unet_batch": "unet_batch_size", "vae_from": "vae_reused_from"}
+    for stage, run in zip(reversed(SHIPPED_RECIPE), chain):
+        for key, value in stage.items():
+            if key in ("vae_from", "unet_from"):  # a folder of the run named, recorded as its path
+                assert run[recorded_as.get(key, key)], (key, run["command"])
+            else:
+                assert run[recorded_as.get(key, key)] == value, (key, run["command"])
+        assert run["seed"] == 0
+    assert "vae_from" not in SHIPPED_RECIPE[0] and chain[-1]["vae_reused_from"] is None
+
+
+def test_retrain_with_no_training_flags_runs_the_shipped_recipe_and_with_one_a_single_run(tmp_path, monkeypatch):
+    from tav import backend, world_training
+    from tests.helpers import load_tool
+
+    monkeypatch.setattr(backend, "configure", lambda **kw: None)  # leave this process's mode as it is
+    calls = []
+    monkeypatch.setattr(world_training, "train_recipe", lambda out, **kw: calls.append(("recipe", out, kw)) or {})
+    monkeypatch.setattr(world_training, "train_world_model", lambda out, **kw: calls.append(("run", out, kw)) or {})
+    tool = load_tool("make_world_model")
+    tool.main([str(tmp_path / "a"), "--retrain", "--seed", "2"])
+    tool.main([str(tmp_path / "b"), "--retrain", "--unet_steps", "5"])
+    assert [(c[0], c[1], c[2]["seed"]) for c in calls] == [("recipe", str(tmp_path / "a"), 2),
+                                                           ("run", str(tmp_path / "b"), 0)]
+    assert calls[1][2]["unet_steps"] == 5
+
+
+def test_the_recipe_runs_its_stages_in_order_each_from_the_folders_it_names(tmp_path):
+    """train_recipe at toy sizes: the earlier stages land in OUT/stages/N, the last in OUT, which loads as a
+    pipeline and whose record chains back through every stage; a stage naming a later one is refused."""
+    from tav.checkpoint import read_json
+    from tav.pipeline import TuneAVideoPipeline
+    from tav.world_training import SHIPPED_RECIPE, train_recipe
+
+    toy = dict(vae_steps=1, unet_steps=1, vae_refine_steps=1, bank_size=4, vae_batch=2, unet_batch=2)
+    out = tmp_path / "world"
+    record = train_recipe(str(out), command="retrain", **toy)
+    chain = [record, record["continued_from"], record["continued_from"]["continued_from"]]
+    assert [r["command"] for r in chain] == [f"retrain [stage {n} of 3]" for n in (3, 2, 1)]
+    assert record["unet_from"] == str(out / "stages" / "2" / "unet")
+    assert record["vae_reused_from"] == chain[1]["vae_reused_from"] == str(out / "stages" / "1" / "vae")
+    assert (record["presence_region"], record["vae_refine_steps"], chain[2]["latent_downscale"]) == ("box", 1, 4)
+    assert read_json(str(out / "world_model.json"), "record") == record
+    assert TuneAVideoPipeline.from_pretrained(str(out)).unet.config.sample_size == 16
+    with pytest.raises(ValueError, match="stage 1: unet_from=2 names no earlier stage"):
+        train_recipe(str(tmp_path / "refused"), recipe=({"unet_from": 2},) + SHIPPED_RECIPE[1:])

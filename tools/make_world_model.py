@@ -2,7 +2,9 @@
 """Write the world model (issue 13's trained text-to-image pipeline of tav.world, diffusers layout) to OUTPUT_DIR.
 
 By default it copies the shipped weights (tav/assets/world_model/). --retrain reproduces them from scratch with
-tav.world_training (tens of minutes on one CPU core); --assets then also replaces the shipped copy.
+tav.world_training: alone, the shipped recipe (three runs, each going on from the one before, about two hours on
+two CPU cores; the earlier runs stay in OUTPUT_DIR/stages/); with any of the training flags below, one run of those
+settings instead. --assets then also replaces the shipped copy.
 """
 import argparse
 import logging
@@ -60,12 +62,16 @@ def main(argv=None):
              "vae_refine_lr", "latent_downscale", "presence_weight", "presence_region", "unet_from", "unet_lr")
     steps = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     command = "python tools/make_world_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    record = world_training.train_world_model(args.output_dir, seed=args.seed, command=command, **steps)
+    if steps:
+        record = world_training.train_world_model(args.output_dir, seed=args.seed, command=command, **steps)
+    else:
+        record = world_training.train_recipe(args.output_dir, seed=args.seed, command=command)
     print(record)
     if args.assets:
         import shutil
 
-        shutil.copytree(args.output_dir, world_model.ASSET_DIR, dirs_exist_ok=True)
+        shutil.copytree(args.output_dir, world_model.ASSET_DIR, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(world_training.STAGES_DIR))
         print(f"replaced the shipped world model at {world_model.ASSET_DIR}")
     return 0
 
