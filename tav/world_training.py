@@ -25,8 +25,8 @@ square does not say "no triangle here" either.
 
 `train_world_model(output_dir, seed)` writes the whole pipeline folder plus `world_model.json` (seed, steps, the
 command, the measured quality); `train_recipe` runs several of those, each going on from earlier ones, as the
-shipped weights were made (SHIPPED_RECIPE). Everything is drawn from numpy Generators and MindSpore's seed, so one seed gives
-one model (up to the CPU kernels' float summation order).
+shipped weights were made (SHIPPED_RECIPE). Everything is drawn from numpy Generators and MindSpore's seed, so one
+seed gives one model (up to the CPU kernels' float summation order).
 """
 import contextlib
 import logging
@@ -401,7 +401,8 @@ STAGES_DIR = "stages"  # inside the output folder: the recipe's earlier runs, ke
 def train_recipe(output_dir, recipe=SHIPPED_RECIPE, seed=0, command=None, **overrides):
     """Run `recipe`'s stages with train_world_model: stage N < last into output_dir/stages/N, the last into
     output_dir, so output_dir ends as the pipeline folder whose record chains back through every stage.
-    `overrides` replace every stage's values of the same name (the tests' toy sizes). Returns the last record."""
+    `overrides` (the tests' toy sizes) replace a stage's own values of the same name, and a name no stage sets
+    (bank_size, vae_batch) applies to every stage. Returns the last record."""
     stage_dirs = []
     for number, stage in enumerate(recipe, 1):
         kwargs = dict(stage)
@@ -410,7 +411,7 @@ def train_recipe(output_dir, recipe=SHIPPED_RECIPE, seed=0, command=None, **over
                 if not 1 <= kwargs[key] < number:
                     raise ValueError(f"recipe stage {number}: {key}={kwargs[key]!r} names no earlier stage")
                 kwargs[key] = os.path.join(stage_dirs[kwargs[key] - 1], part)
-        kwargs.update(overrides)
+        kwargs.update({k: v for k, v in overrides.items() if k in stage or not any(k in s for s in recipe)})
         last = number == len(recipe)
         stage_dir = output_dir if last else os.path.join(output_dir, STAGES_DIR, str(number))
         logger.info(f"recipe stage {number} of {len(recipe)} -> {stage_dir}")

@@ -349,6 +349,8 @@ def test_the_recipe_runs_its_stages_in_order_each_from_the_folders_it_names(tmp_
     assert record["unet_from"] == str(out / "stages" / "2" / "unet")
     assert record["vae_reused_from"] == chain[1]["vae_reused_from"] == str(out / "stages" / "1" / "vae")
     assert (record["presence_region"], record["vae_refine_steps"], chain[2]["latent_downscale"]) == ("box", 1, 4)
+    assert [r["vae_refine_steps"] for r in chain[1:]] == [0, 0]  # an override changes only the stages that set it
+    assert [r["bank_size"] for r in chain] == [4, 4, 4]  # and a size no stage sets applies to all
     assert read_json(str(out / "world_model.json"), "record") == record
     assert TuneAVideoPipeline.from_pretrained(str(out)).unet.config.sample_size == 16
     with pytest.raises(ValueError, match="stage 1: unet_from=2 names no earlier stage"):
