@@ -403,7 +403,8 @@ def train_recipe(output_dir, recipe=SHIPPED_RECIPE, seed=0, command=None, **over
     output_dir, so output_dir ends as the pipeline folder whose record chains back through every stage.
     `overrides` (the tests' toy sizes) replace a stage's own values of the same name, and a name no stage sets
     (bank_size, vae_batch) applies to every stage. Returns the last record."""
-    stage_dirs = []
+    stage_dirs = [os.path.join(output_dir, STAGES_DIR, str(n)) for n in range(1, len(recipe))] + [output_dir]
+    stages = []  # every stage's arguments, resolved before the first one trains: a bad reference costs no hours
     for number, stage in enumerate(recipe, 1):
         kwargs = dict(stage)
         for key, part in (("vae_from", "vae"), ("unet_from", "unet")):
@@ -412,12 +413,11 @@ def train_recipe(output_dir, recipe=SHIPPED_RECIPE, seed=0, command=None, **over
                     raise ValueError(f"recipe stage {number}: {key}={kwargs[key]!r} names no earlier stage")
                 kwargs[key] = os.path.join(stage_dirs[kwargs[key] - 1], part)
         kwargs.update({k: v for k, v in overrides.items() if k in stage or not any(k in s for s in recipe)})
-        last = number == len(recipe)
-        stage_dir = output_dir if last else os.path.join(output_dir, STAGES_DIR, str(number))
+        stages.append(kwargs)
+    for number, (stage_dir, kwargs) in enumerate(zip(stage_dirs, stages), 1):
         logger.info(f"recipe stage {number} of {len(recipe)} -> {stage_dir}")
         record = train_world_model(stage_dir, seed=seed, command=command and f"{command} [stage {number} of "
                                    f"{len(recipe)}]", **kwargs)
-        stage_dirs.append(stage_dir)
     return record
 
 

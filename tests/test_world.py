@@ -355,3 +355,6 @@ def test_the_recipe_runs_its_stages_in_order_each_from_the_folders_it_names(tmp_
     assert TuneAVideoPipeline.from_pretrained(str(out)).unet.config.sample_size == 16
     with pytest.raises(ValueError, match="stage 1: unet_from=2 names no earlier stage"):
         train_recipe(str(tmp_path / "refused"), recipe=({"unet_from": 2},) + SHIPPED_RECIPE[1:])
+    with pytest.raises(ValueError, match="stage 3: unet_from=3 names no earlier stage"):
+        train_recipe(str(tmp_path / "late"), recipe=SHIPPED_RECIPE[:2] + ({"vae_from": 1, "unet_from": 3},), **toy)
+    assert not (tmp_path / "late").exists()  # refused before its first stage trained
