@@ -1,5 +1,7 @@
 """The paper's ablation in tav.world (issue 13 §4): edit accuracy, motion fidelity and temporal consistency of
-each method over a fixed set of source clips and edits, judged by tav.world's pixel reader.
+each method over a fixed set of source clips and edits, judged by tav.world's pixel reader, with the frames on the
+path (read as the edit and within one frame's step of the source's object; tav.world_demo.judge_edit). Each
+method's edited frames are kept in WORK_DIR/clipN/<method>.npy, to be judged again without rerunning.
 
     python bench/world_ablation.py WORLD_MODEL_DIR [--clips 3] [--out bench/results/world_ablation.json]
 
@@ -26,7 +28,7 @@ from tav import world_demo  # noqa: E402
 METHODS = ("a", "b", "c", "d", "e")
 # cases() gives every clip one edit of each kind, in this order.
 EDIT_KINDS = ("color", "shape", "background")
-MEASURES = ("edit_accuracy", "motion_px", "temporal_iou")
+MEASURES = ("edit_accuracy", "frames_on_path", "motion_px", "temporal_iou")
 
 
 def switch_off_temporal_attention(unet):
@@ -84,6 +86,8 @@ def run_case(model_dir, work_dir, clip, edits, methods=METHODS, seed=0, steps=25
         off = TuneAVideoPipeline.from_pretrained(model_dir, unet=delta_d)
         switch_off_temporal_attention(off.unet)
         outputs["d"] = world_demo.edit_clip(off, clip.frames, clip.caption, prompts, seed=seed)
+    for m, frames in outputs.items():
+        np.save(os.path.join(work_dir, f"{m}.npy"), np.asarray(frames))
     return {m: [{"kind": kind, "source": clip.caption, "edit": e.caption,
                  **world_demo.judge_edit(clip.frames, frames, e)}
                 for frames, e, kind in zip(outputs[m], edits, EDIT_KINDS)]
@@ -111,14 +115,15 @@ def main(argv=None):
         result = run_case(args.model_dir, os.path.join(args.work_dir, f"clip{i}"), clip, edits, args.methods)
         for m, rows in result.items():
             totals[m].extend(rows)
-    print(f"{'method':8s} {'edits':12s} {'edit accuracy':>14s} {'motion px':>10s} {'temporal IoU':>13s}")
+    print(f"{'method':8s} {'edits':12s} {'edit accuracy':>14s} {'on the path':>12s} {'motion px':>10s} "
+          f"{'temporal IoU':>13s}")
     table, by_kind = {}, {}
     for m, rows in totals.items():
         table[m] = summarise(rows)
         by_kind[m] = {kind: summarise([r for r in rows if r["kind"] == kind]) for kind in EDIT_KINDS}
         for label, numbers in (("all", table[m]), *by_kind[m].items()):
-            print(f"{m:8s} {label:12s} {numbers['edit_accuracy']:14.3f} {numbers['motion_px']:10.2f} "
-                  f"{numbers['temporal_iou']:13.3f}")
+            print(f"{m:8s} {label:12s} {numbers['edit_accuracy']:14.3f} {numbers['frames_on_path']:12.3f} "
+                  f"{numbers['motion_px']:10.2f} {numbers['temporal_iou']:13.3f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"clips": args.clips, "table": table, "by_kind": by_kind, "rows": totals}, f, indent=1)

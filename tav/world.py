@@ -192,6 +192,16 @@ class Reading:
     def matches(self, scene):
         return self.background == scene.background and self.color == scene.color and self.shape == scene.shape
 
+    @property
+    def box_center(self):
+        """(x, y) of the 16x16 box the object is drawn in: the centroid less its shape's centroid offset (a
+        triangle's centroid lies 2-3 px below its box's centre, a square's and a circle's on it), so a shape edit
+        drawn in the source's box reads as in place. None when no object was found."""
+        if self.center is None:
+            return None
+        dx, dy = centroid_offset(self.shape)
+        return (self.center[0] - dx, self.center[1] - dy)
+
 
 def _nearest(rgb, palette):
     names = list(palette)
@@ -240,6 +250,19 @@ def read_frame(frame, min_pixels=20):
     ys, xs = np.nonzero(mask)
     # +0.5: a pixel's centre, so the centroid is in the same coordinates as render_frame's `center`.
     return Reading(background, color, classify_shape(mask), (xs.mean() + 0.5, ys.mean() + 0.5), mask)
+
+
+_CENTROID_OFFSETS = {}
+
+
+def centroid_offset(shape):
+    """(dx, dy): where read_frame puts a `shape`'s centroid relative to its box's centre, measured on a rendered
+    frame (so it carries the reader's own anti-aliasing and threshold)."""
+    if shape not in _CENTROID_OFFSETS:
+        center = (FRAME_SIZE / 2, FRAME_SIZE / 2)
+        reading = read_frame(render_frame(Scene("red", shape, "white"), center))
+        _CENTROID_OFFSETS[shape] = (reading.center[0] - center[0], reading.center[1] - center[1])
+    return _CENTROID_OFFSETS[shape]
 
 
 def read_clip(frames):

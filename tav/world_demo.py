@@ -16,6 +16,9 @@ from tav import world
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "world.yaml")
 SOURCE_SCENE = world.Scene("red", "square", "white")
+# An edit's object is on the source's path in a frame when its box lies within one frame's largest step of the
+# source's: farther, and it could as well be where the source was a frame before or after.
+ON_PATH_PX = world.MAX_SPEED
 EDITS = (world.Scene("blue", "square", "white"), world.Scene("red", "circle", "white"),
          world.Scene("red", "square", "black"))
 
@@ -75,16 +78,21 @@ def side_by_side(source, edit):
 def judge_edit(source_frames, edit_frames, scene):
     """Edit accuracy (fraction of frames the reader reads as `scene`), motion fidelity (mean centroid distance to
     the source's, px; frames without an object count as the frame's diagonal), temporal consistency (mean IoU of
-    consecutive frames' masks)."""
+    consecutive frames' masks), and frames on the path: the fraction of frames read as `scene` whose object's box
+    lies within ON_PATH_PX of the source's (the right object, on the source's path, frame by frame; box centres, so
+    a triangle drawn in a square's box counts as in place)."""
     source = world.read_clip(source_frames)
     edit = world.read_clip(edit_frames)
     accuracy = float(np.mean([r.matches(scene) for r in edit]))
     diagonal = float(np.hypot(world.FRAME_SIZE, world.FRAME_SIZE))
     distances = [np.hypot(*(np.array(e.center) - np.array(s.center))) if e.center is not None else diagonal
                  for s, e in zip(source, edit)]
+    on_path = [e.matches(scene) and s.center is not None
+               and np.hypot(*(np.array(e.box_center) - np.array(s.box_center))) <= ON_PATH_PX
+               for s, e in zip(source, edit)]
     ious = [world.mask_iou(a.mask, b.mask) for a, b in zip(edit, edit[1:])]
     return {"edit_accuracy": accuracy, "motion_px": float(np.mean(distances)),
-            "temporal_iou": float(np.mean(ious)) if ious else 1.0}
+            "temporal_iou": float(np.mean(ious)) if ious else 1.0, "frames_on_path": float(np.mean(on_path))}
 
 
 def run_world_demo(demo_dir="demo_outputs", seed=1, edits=EDITS, config_path=CONFIG, model_dir=None):

@@ -97,6 +97,35 @@ def test_mask_iou():
     assert world.mask_iou(a, ~a) == 0.0
 
 
+def test_a_shapes_box_centre_is_read_where_it_was_drawn_whatever_the_shape():
+    center = (30.0, 25.0)
+    for shape in world.SHAPES:
+        reading = world.read_frame(world.render_frame(world.Scene("green", shape, "gray"), center))
+        assert np.hypot(*(np.array(reading.box_center) - center)) < 0.5, shape
+    triangle = world.read_frame(world.render_frame(world.Scene("green", "triangle", "gray"), center))
+    assert triangle.center[1] > center[1] + 1.5  # its centroid lies below the box's centre: box_center corrects it
+    assert world.read_frame(np.full((64, 64, 3), 128, np.uint8)).box_center is None
+
+
+def test_frames_on_path_counts_the_right_object_within_one_step_of_the_sources_box():
+    from tav.world_demo import judge_edit
+
+    source = world.Scene("red", "square", "white")
+    edit = world.Scene("blue", "triangle", "white")
+    centers = [(20.0 + 3 * i, 30.0) for i in range(8)]
+    source_frames = [world.render_frame(source, c) for c in centers]
+    in_place = [world.render_frame(edit, c) for c in centers]
+    assert judge_edit(source_frames, in_place, edit)["frames_on_path"] == 1.0
+    # two frames drawn 10 px off the path, one in the wrong color on it: 5 of 8 frames on the path
+    edited = list(in_place)
+    edited[2] = world.render_frame(edit, (centers[2][0], 40.0))
+    edited[5] = world.render_frame(edit, (centers[5][0] + 10, 30.0))
+    edited[7] = world.render_frame(world.Scene("yellow", "triangle", "white"), centers[7])
+    scores = judge_edit(source_frames, edited, edit)
+    assert scores["frames_on_path"] == 5 / 8
+    assert scores["edit_accuracy"] == 7 / 8  # the misplaced frames are the right object, in the wrong place
+
+
 class _ScaledDownsample:
     """A per-channel scale (the parameter), then the VAE's Downsample (pad right/bottom, 3x3 stride-2 conv): the
     scale's gradient flows back through the pad, as the VAE encoder's do."""

@@ -21,9 +21,9 @@ def test_a_clip_is_written_and_judged_against_itself(world_tool, tmp_path, capsy
                             "a red square on a white background", "--json", str(out)]) == 0
     scores = json.loads(out.read_text())
     assert scores["frames"] == 12 and scores["edit_accuracy"] == 1.0 and scores["motion_px"] < 0.5
-    assert scores["temporal_iou"] > 0.5
+    assert scores["temporal_iou"] > 0.5 and scores["frames_on_path"] == 1.0
     wrong = world_tool.judge(str(clip), str(clip), "a blue circle on a black background")
-    assert wrong["edit_accuracy"] == 0.0
+    assert wrong["edit_accuracy"] == 0.0 and wrong["frames_on_path"] == 0.0
 
 
 def test_the_same_seed_writes_the_same_clip(world_tool, tmp_path):

@@ -41,10 +41,10 @@ def main(argv=None):
     report = world_demo.run_world_demo(args.demo_dir)
     print(f"demo done: {world_demo.SOURCE_SCENE.caption!r} edited; source | edit GIFs in "
           f"{os.path.abspath(os.path.join(args.demo_dir, 'world-edits'))}")
-    print(f"  {'edit':40s} {'frames right':>12s} {'motion px':>10s} {'temporal IoU':>13s}")
+    print(f"  {'edit':40s} {'frames right':>12s} {'on the path':>11s} {'motion px':>10s} {'temporal IoU':>13s}")
     for caption, result in report.items():
-        print(f"  {caption:40s} {result['edit_accuracy']:12.2f} {result['motion_px']:10.1f} "
-              f"{result['temporal_iou']:13.2f}")
+        print(f"  {caption:40s} {result['edit_accuracy']:12.2f} {result['frames_on_path']:11.2f} "
+              f"{result['motion_px']:10.1f} {result['temporal_iou']:13.2f}")
     return 0
 
 

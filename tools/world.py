@@ -10,7 +10,9 @@
 frame; a random scene unless --caption names one) and prints its caption. `judge` reads every frame of the edit
 with the world's pixel reader and compares it with the source's first frames, frame for frame: edit accuracy
 (the fraction of frames read as the prompt's scene), motion fidelity (mean distance of the object's centroid to
-the source's, px) and temporal consistency (mean IoU of consecutive frames' object masks).
+the source's, px), temporal consistency (mean IoU of consecutive frames' object masks) and the frames on the path
+(the fraction read as the prompt's scene with the object's box within 4 px, one frame's largest step, of the
+source's).
 """
 import argparse
 import json
@@ -77,7 +79,8 @@ def main(argv=None):
         return 0
     scores = judge(args.source, args.edit, args.prompt)
     print(f"{scores['frames']} frames: edit accuracy {scores['edit_accuracy']:.2f}, motion "
-          f"{scores['motion_px']:.2f} px, temporal IoU {scores['temporal_iou']:.2f}")
+          f"{scores['motion_px']:.2f} px, temporal IoU {scores['temporal_iou']:.2f}, on the path "
+          f"{scores['frames_on_path']:.2f}")
     if args.json:
         from tav.checkpoint import write_json_atomic
 
