@@ -163,8 +163,8 @@ def main(argv=None):
     backend.configure(device_target="CPU", mode=0, cpu_threads=args.threads)
     table = run(args.model_dir, args.work_dir, args.frames, args.window, args.overlap, args.steps, args.seed,
                 tune_steps=args.tune_steps, edit_caption=args.edit)
-    keys = ("edit_accuracy", "frames_on_path", "motion_px", "temporal_iou", "inside_motion_px", "seam_motion_px", "inside_iou",
-            "seam_iou", "seconds_per_frame")
+    keys = ("edit_accuracy", "frames_on_path", "motion_px", "temporal_iou", "inside_motion_px", "seam_motion_px",
+            "inside_iou", "seam_iou", "seconds_per_frame")
     print(f"{'way':10s} " + " ".join(f"{k:>16s}" for k in keys))
     for way, row in table.items():
         print(f"{way:10s} " + " ".join(f"{row[k]:16.3f}" for k in keys))

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.world_ablation import cases  # noqa: E402
+from bench.world_ablation import MEASURES, cases  # noqa: E402
 from tav import world_demo  # noqa: E402
 
 WAYS = {
@@ -70,7 +70,7 @@ def main(argv=None):
     for name, values in per_way.items():
         table[name] = {"tune_s": float(np.mean(values["tune_s"])), "delta_kb": float(np.mean(values["delta_kb"])),
                        **{k: float(np.mean([s[k] for s in values["scores"]]))
-                          for k in ("edit_accuracy", "frames_on_path", "motion_px", "temporal_iou")}}
+                          for k in MEASURES}}
         row = table[name]
         print(f"{name:18s} {row['tune_s']:7.1f} {row['delta_kb']:9.1f} {row['edit_accuracy']:14.3f} "
               f"{row['frames_on_path']:12.3f} {row['motion_px']:10.2f} {row['temporal_iou']:13.3f}")
