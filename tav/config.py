@@ -35,6 +35,8 @@ tav's own keys (all optional):
     lora_alpha              the adapters' scale is lora_alpha / lora_rank (null: lora_rank, scale 1)
     frame_policy            sparse_causal (the paper's: frame 0 and the previous frame) or full (every frame; the
                             paper's ablation); the delta records it and loading it sets it again
+    group_norm_scope        video (the official: the resnets' GroupNorm statistics span all frames) or frame (each
+                            frame its own, as the 2-D model was trained; docs/reference.md); recorded like frame_policy
     prediction_type, tokenizer_from, config_from, converted_cache_dir
                             for a pretrained_model_path that is one checkpoint file (docs/checkpoints.md): what its
                             tensors cannot tell, and where its converted folder is kept (null: a temporary folder)
@@ -56,6 +58,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tav.checks import SIZE_RULE, WRITE_FORMATS, describe_range, in_range, is_int, is_pixel_size
 from tav.kernels import ATTENTION_BACKENDS
 from tav.models.attention import FRAME_POLICIES
+from tav.models.resnet import GROUP_NORM_SCOPES
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -151,6 +154,7 @@ class TrainConfig:
     lora_modules: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_MODULES))
     lora_alpha: Optional[float] = None
     frame_policy: str = "sparse_causal"  # the frames attn1 attends to (tav.models.attention.FRAME_POLICIES)
+    group_norm_scope: str = "video"  # what the UNet's GroupNorm statistics span (tav.models.resnet.GROUP_NORM_SCOPES)
     # A single-file pretrained_model_path (docs/checkpoints.md): what its tensors cannot tell, and where to keep
     # the converted diffusers folder (None: a temporary folder removed at exit). A folder takes none of these.
     prediction_type: Optional[str] = None
@@ -470,6 +474,8 @@ def _check_ranges(config, origin):
          "CPU, GPU or Ascend", config.device_target)
     need(config.frame_policy in FRAME_POLICIES, "frame_policy", f"one of {', '.join(FRAME_POLICIES)}",
          config.frame_policy)
+    need(config.group_norm_scope in GROUP_NORM_SCOPES, "group_norm_scope", f"one of {', '.join(GROUP_NORM_SCOPES)}",
+         config.group_norm_scope)
     need(config.mode in (0, 1), "mode", "0 (graph) or 1 (pynative)", config.mode)
     need(config.jit_level in (None, "O0", "O1", "O2"), "jit_level", "O0, O1 or O2", config.jit_level)
     need(config.checkpoints_total_limit is None or config.checkpoints_total_limit >= 1, "checkpoints_total_limit",

@@ -128,7 +128,8 @@ class GroupNorm(nn.Cell):
     ((B F), C, H, W), and each sample's statistics span its F frames -- exactly PyTorch's GroupNorm on the
     official (B, C, F, H, W) tensor (docs/reference.md), while the convolutions around it see plain 2-D batches.
     `fused_silu=True` applies SiLU to the output (the resnets' norm -> SiLU pairs), in the same pass on CPU.
-    Statistics are computed in fp32 whatever the input dtype.
+    Statistics are computed in fp32 whatever the input dtype. `per_frame = True` (set before the network compiles;
+    tav.models.resnet.set_group_norm_scope) gives every frame its own statistics, as the 2-D model was trained.
     """
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=ms.float32, fused_silu=False):
@@ -140,6 +141,7 @@ class GroupNorm(nn.Cell):
         self.eps = eps
         self.affine = affine
         self.fused_silu = fused_silu
+        self.per_frame = False
         if affine:
             self.weight = Parameter(initializer(One(), (num_channels,), dtype))
             self.bias = Parameter(initializer(Zero(), (num_channels,), dtype))
@@ -151,6 +153,8 @@ class GroupNorm(nn.Cell):
             self.native = GroupNormFunction(fused_silu)
 
     def construct(self, x, frames=1):
+        if self.per_frame:
+            frames = 1
         if self.native is not None and x.dtype == ms.float32:
             return self.native(x, self.weight, self.bias, group_norm_scalars(self.eps, frames, self.num_groups))
         shape = x.shape

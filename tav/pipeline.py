@@ -22,6 +22,7 @@ from tav.ldm_checkpoint import check_pretrained_source, resolve_pretrained
 from tav.lora import apply_loras
 from tav.models import AutoencoderKL, UNet3DConditionModel
 from tav.models.attention import FRAME_POLICIES, set_frame_policy
+from tav.models.resnet import set_group_norm_scope
 from tav.models.vae import latents_to_video, video_to_latents
 from tav.sampling import denoise, prepare_latents
 from tav.schedulers import DDIMScheduler
@@ -99,6 +100,7 @@ def load_unet(pretrained_model_path, unet=None, dtype=ms.float32, attention_back
         metadata = apply_delta(model, unet, check_base=check_base)
         trained = json.loads(metadata.get("tav_config") or "null") or {}
         set_frame_policy(model, FRAME_POLICIES[trained.get("frame_policy", "sparse_causal")])  # as it was tuned
+        set_group_norm_scope(model, trained.get("group_norm_scope", "video"))
         return model.to_dtype(dtype) if dtype != ms.float32 else model
     return UNet3DConditionModel.from_pretrained(unet, dtype=dtype, attention_backend=attention_backend)
 

@@ -173,8 +173,9 @@ def _describe_change(recorded, current, key):
 def load_models(config, plan, seed, folder=None):
     """(unet, vae, tokenizer, text_encoder, scheduler) of `folder` (base_model_folder(config) when None), through
     the pipeline's loaders; the UNet in fp32 (its trainable tensors' fp32 values become the optimiser's masters)
-    with config.frame_policy, the frozen parts in the compute dtype."""
+    with config.frame_policy and config.group_norm_scope, the frozen parts in the compute dtype."""
     from tav.models.attention import FRAME_POLICIES, set_frame_policy
+    from tav.models.resnet import set_group_norm_scope
     from tav.pipeline import load_frozen_parts, load_unet
 
     folder = folder or base_model_folder(config)
@@ -183,6 +184,7 @@ def load_models(config, plan, seed, folder=None):
         # not from MindSpore's global RNG: the same config gives the same start in any process.
         unet = load_unet(folder, attention_backend=config.resolved_attention_backend(), init_seed=seed)
         set_frame_policy(unet, FRAME_POLICIES[config.frame_policy])
+        set_group_norm_scope(unet, config.group_norm_scope)
         vae, text_encoder, tokenizer, scheduler = load_frozen_parts(folder, plan.compute_dtype)
     except checkpoint.CheckpointError as exc:
         raise ConfigError(f"{config.where('pretrained_model_path')}: cannot load the base model from "

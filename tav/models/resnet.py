@@ -18,6 +18,24 @@ def per_frame(vectors, frames):
     return ops.broadcast_to(vectors.reshape(b, 1, c), (b, frames, c)).reshape(b * frames, c)
 
 
+
+# Where the UNet's GroupNorms take their statistics: over all of a video's frames ("video": the official inflated
+# model, whose GroupNorm sees the 5-D tensor) or per frame ("frame": as the 2-D model was trained; why in
+# docs/reference.md, "Where the norms see whole videos").
+GROUP_NORM_SCOPES = ("video", "frame")
+
+
+def set_group_norm_scope(network, scope):
+    """Make every GroupNorm in `network` take its statistics over `scope` (GROUP_NORM_SCOPES), before the network
+    compiles. The transformers' GroupNorms are per frame either way; the VAE's see one frame each. Returns the
+    number of norms set."""
+    if scope not in GROUP_NORM_SCOPES:
+        raise ValueError(f"group_norm_scope must be one of {', '.join(GROUP_NORM_SCOPES)}, got {scope!r}")
+    norms = [cell for _, cell in network.cells_and_names() if isinstance(cell, GroupNorm)]
+    for cell in norms:
+        cell.per_frame = scope == "frame"
+    return len(norms)
+
 class ResnetBlock3D(nn.Cell):
     """norm1 -> SiLU -> conv1 (+ time projection) -> norm2 -> SiLU -> conv2, plus a (1x1) shortcut.
 
