@@ -71,14 +71,15 @@ def run_case(model_dir, work_dir, clip, edits, methods=METHODS, seed=0, steps=25
         outputs["a"] = world_demo.edit_clip(tuned, clip.frames, clip.caption, prompts, latents=inverted, seed=seed)
     if "c" in methods:
         outputs["c"] = world_demo.to_uint8_frames(tuned(prompts, video_length=len(clip.frames), height=64, width=64,
-                                                        num_inference_steps=steps, seed=seed + 7))
+                                                        num_inference_steps=steps,
+                                                        guidance_scale=world_demo.edit_guidance(), seed=seed + 7))
     if "e" in methods:
         delta_e = world_demo.tune(model_dir, clip_path, clip.caption, os.path.join(work_dir, "tuned-full"),
                                   overrides=["frame_policy=full"])
         full = TuneAVideoPipeline.from_pretrained(model_dir, unet=delta_e)
         outputs["e"] = world_demo.edit_clip(full, clip.frames, clip.caption, prompts, seed=seed)
     if "b" in methods:
-        base = TuneAVideoPipeline.from_pretrained(model_dir, init_seed=seed)
+        base = world_demo.untuned_pipeline(model_dir, init_seed=seed)
         outputs["b"] = world_demo.edit_clip(base, clip.frames, clip.caption, prompts, latents=inverted, seed=seed)
     if "d" in methods:
         delta_d = world_demo.tune(model_dir, clip_path, clip.caption, os.path.join(work_dir, "tuned-no-temp"),

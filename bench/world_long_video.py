@@ -104,8 +104,8 @@ def edit_long_clip(pipeline, clip, edit_caption, way, window, overlap, steps, se
     def invert_and_sample(frames, spec):
         latents = pipeline.encode_video(frames_to_pixel_values(frames), seed=seed)
         inverted = pipeline.invert(latents, steps, prompt=clip.caption, window=spec)[-1]
-        videos = pipeline([edit_caption], video_length=len(frames), height=64, width=64,
-                          num_inference_steps=steps, guidance_scale=7.5, latents=inverted, seed=seed, window=spec)
+        videos = pipeline([edit_caption], video_length=len(frames), height=64, width=64, num_inference_steps=steps,
+                          guidance_scale=world_demo.edit_guidance(), latents=inverted, seed=seed, window=spec)
         return world_demo.to_uint8_frames(videos)[0]
 
     if way == "windows":

@@ -46,11 +46,36 @@ def tune(model_dir, clip_path, prompt, output_dir, config_path=CONFIG, overrides
     return train(load_train_config(config_path, values)).delta_path
 
 
+def edit_guidance(config_path=CONFIG):
+    """`config_path`'s validation_data.guidance_scale: the scale tools/sample.py samples a run tuned with that config
+    at, so the demo, the benches and the tests edit as the issue's commands do."""
+    from tav.config import load_train_config
+
+    return load_train_config(config_path).validation_data.guidance_scale
+
+
+def untuned_pipeline(model_dir, config_path=CONFIG, init_seed=0):
+    """The pretrained model inflated but not tuned (the ablation's method b), its GroupNorms taking their statistics
+    as `config_path`'s group_norm_scope says, as a model tuned with that config does: the two differ by the tuning
+    alone."""
+    from tav.config import load_train_config
+    from tav.models.resnet import set_group_norm_scope
+    from tav.pipeline import TuneAVideoPipeline
+
+    pipeline = TuneAVideoPipeline.from_pretrained(model_dir, init_seed=init_seed)
+    set_group_norm_scope(pipeline.unet, load_train_config(config_path).group_norm_scope)
+    return pipeline
+
+
 def edit_clip(pipeline, clip_frames, source_prompt, prompts, num_inv_steps=25, num_inference_steps=25,
-              guidance_scale=7.5, latents=None, seed=0):
+              guidance_scale=None, latents=None, seed=0):
     """Invert `clip_frames` ((F, 64, 64, 3) uint8) with the source prompt (unless `latents` is given) and sample
-    each prompt from the inverted noise; returns uint8 (len(prompts), F, 64, 64, 3)."""
+    each prompt from the inverted noise at `guidance_scale` (None: configs/world.yaml's); returns uint8
+    (len(prompts), F, 64, 64, 3)."""
     from tav.video import frames_to_pixel_values
+
+    if guidance_scale is None:
+        guidance_scale = edit_guidance()
 
     if latents is None:
         pixels = frames_to_pixel_values(clip_frames)
@@ -111,7 +136,8 @@ def run_world_demo(demo_dir="demo_outputs", seed=1, edits=EDITS, config_path=CON
     clip_path = write_clip(clip, os.path.join(demo_dir, "world-clip.mp4"))
     delta = tune(model_dir, clip_path, clip.caption, os.path.join(demo_dir, "world-tuned"), config_path)
     pipeline = TuneAVideoPipeline.from_pretrained(model_dir, unet=delta)
-    edited = edit_clip(pipeline, clip.frames, clip.caption, [s.caption for s in edits], seed=seed)
+    edited = edit_clip(pipeline, clip.frames, clip.caption, [s.caption for s in edits],
+                       guidance_scale=edit_guidance(config_path), seed=seed)
     out_dir = os.path.join(demo_dir, "world-edits")
     os.makedirs(out_dir, exist_ok=True)
     report = {}
