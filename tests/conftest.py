@@ -65,7 +65,7 @@ SLOW_TESTS = (
     "tests/test_vae.py::test_matches_diffusers[graph]",
     "tests/test_lora_tuning.py::test_loading_a_lora_delta_reproduces_the_tuned_model",
     "tests/test_training_long_clips.py::test_validation_samples_in_windows",
-    "tests/test_training_frame_policy.py::test_a_full_attention_run",
+    "tests/test_training_frame_policy.py::test_a_run_and_its_delta_keep_the_setting[frame_policy]",
     "tests/test_training.py::test_sd1_unet_trains_112_tensors",
     "tests/test_sample_cli.py::test_loading_a_model_prints_no_library_import_noise",
     "tests/test_ldm_checkpoint.py::test_pipeline_from_a_single_file_gives_identical_outputs[torch]",

@@ -18,39 +18,37 @@ def policies(unet):
     return {cell.frame_policy for _, cell in unet.cells_and_names() if isinstance(cell, SparseCausalContext)}
 
 
-def test_a_full_attention_run_and_its_delta_keep_the_policy(small_pipeline, clip, tmp_path, monkeypatch):
-    fake_train_step(monkeypatch, nan_at=None)
-    config = run_config(small_pipeline, tmp_path / "out", clip, max_train_steps=1, frame_policy="full")
-    plan = training.precision_plan(config.mixed_precision, "CPU")
-    assert policies(training.load_models(config, plan, seed=7)[0]) == {full_frame_table}
-    result = training.train(config)
-    tuned = TuneAVideoPipeline.from_pretrained(small_pipeline, unet=result.delta_path)
-    assert policies(tuned.unet) == {full_frame_table}
-    assert policies(TuneAVideoPipeline.from_pretrained(small_pipeline).unet) == {sparse_causal_frame_table}
-
-
-def test_an_unknown_policy_is_refused_naming_the_key(small_pipeline, clip, tmp_path):
-    with pytest.raises(ConfigError, match=r"frame_policy must be one of sparse_causal, full, got 'causal'"):
-        run_config(small_pipeline, tmp_path / "out", clip, frame_policy="causal")
-
-
 def norm_scopes(unet):
     return {cell.per_frame for _, cell in unet.cells_and_names() if isinstance(cell, GroupNorm)}
 
 
-def test_per_frame_norms_tune_and_the_delta_keeps_them(small_pipeline, clip, tmp_path, monkeypatch):
+# (key, value, what to read off a UNet, what a UNet tuned with key=value reads, what the default UNet reads)
+DELTA_SETTINGS = [
+    pytest.param("frame_policy", "full", policies, {full_frame_table}, {sparse_causal_frame_table},
+                 id="frame_policy"),
+    pytest.param("group_norm_scope", "frame", norm_scopes, {True}, {False}, id="group_norm_scope"),
+]
+
+
+@pytest.mark.parametrize("key, value, read, tuned, default", DELTA_SETTINGS)
+def test_a_run_and_its_delta_keep_the_setting(key, value, read, tuned, default, small_pipeline, clip, tmp_path,
+                                              monkeypatch):
     fake_train_step(monkeypatch, nan_at=None)
-    config = run_config(small_pipeline, tmp_path / "out", clip, max_train_steps=1, group_norm_scope="frame")
+    config = run_config(small_pipeline, tmp_path / "out", clip, max_train_steps=1, **{key: value})
     plan = training.precision_plan(config.mixed_precision, "CPU")
-    assert norm_scopes(training.load_models(config, plan, seed=7)[0]) == {True}
+    assert read(training.load_models(config, plan, seed=7)[0]) == tuned
     result = training.train(config)
-    assert norm_scopes(TuneAVideoPipeline.from_pretrained(small_pipeline, unet=result.delta_path).unet) == {True}
-    assert norm_scopes(TuneAVideoPipeline.from_pretrained(small_pipeline).unet) == {False}  # the official default
+    assert read(TuneAVideoPipeline.from_pretrained(small_pipeline, unet=result.delta_path).unet) == tuned
+    assert read(TuneAVideoPipeline.from_pretrained(small_pipeline).unet) == default  # the official default
 
 
-def test_an_unknown_norm_scope_is_refused_naming_the_key(small_pipeline, clip, tmp_path):
-    with pytest.raises(ConfigError, match=r"group_norm_scope must be one of video, frame, got 'clip'"):
-        run_config(small_pipeline, tmp_path / "out", clip, group_norm_scope="clip")
+@pytest.mark.parametrize("key, value, message", [
+    ("frame_policy", "causal", r"frame_policy must be one of sparse_causal, full, got 'causal'"),
+    ("group_norm_scope", "clip", r"group_norm_scope must be one of video, frame, got 'clip'"),
+], ids=["frame_policy", "group_norm_scope"])
+def test_an_unknown_value_is_refused_naming_the_key(key, value, message, small_pipeline, clip, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        run_config(small_pipeline, tmp_path / "out", clip, **{key: value})
 
 
 def test_a_per_frame_group_norm_normalises_each_frame_alone():

@@ -2,8 +2,8 @@
 color edit (a yellow circle on black to a green one) of a clip it has not seen keeps the object on the source's
 path when sampled from the clip's DDIM inversion, loses the path when sampled from random noise (ablation method
 c), and is drawn farther from the path and less steadily by the untuned inflated model from the same inverted noise
-(ablation method b). A regression in inflation, attention, tuning, inversion, CFG, the VAE or the shipped weights moves these
-numbers and fails a test."""
+(ablation method b). A regression in inflation, attention, tuning, inversion, CFG, the VAE or the shipped weights
+moves these numbers and fails a test."""
 import mindspore as ms
 import numpy as np
 import pytest
@@ -55,7 +55,7 @@ def test_an_edit_from_the_inversion_keeps_the_path_and_one_from_noise_does_not(t
     from_noise = world_demo.to_uint8_frames(tuned_edit["tuned"]([edit.caption], video_length=8, height=64, width=64,
                                                                 num_inference_steps=EDIT_STEPS, seed=7))[0]
     c = world_demo.judge_edit(clip.frames, from_noise, edit)
-    assert a["edit_accuracy"] >= 0.6, (a, c)  # the new shape, read by the pixel reader, in most frames
+    assert a["edit_accuracy"] >= 0.6, (a, c)  # the new color, read by the pixel reader, in most frames
     assert a["frames_on_path"] >= 0.6, (a, c)  # and there, on the source's path
     # on the source's path by the centroid too (a triangle's sits 2-3 px below its box's centre)
     assert a["motion_px"] <= 4.5, (a, c)

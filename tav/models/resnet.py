@@ -18,7 +18,6 @@ def per_frame(vectors, frames):
     return ops.broadcast_to(vectors.reshape(b, 1, c), (b, frames, c)).reshape(b * frames, c)
 
 
-
 # Where the UNet's GroupNorms take their statistics: over all of a video's frames ("video": the official inflated
 # model, whose GroupNorm sees the 5-D tensor) or per frame ("frame": as the 2-D model was trained; why in
 # docs/reference.md, "Where the norms see whole videos").
@@ -35,6 +34,7 @@ def set_group_norm_scope(network, scope):
     for cell in norms:
         cell.per_frame = scope == "frame"
     return len(norms)
+
 
 class ResnetBlock3D(nn.Cell):
     """norm1 -> SiLU -> conv1 (+ time projection) -> norm2 -> SiLU -> conv2, plus a (1x1) shortcut.
