@@ -14,6 +14,7 @@ Methods:
      and sampling (the delta carries the policy)
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -56,9 +57,20 @@ def cases(n_clips, seed=0):
     return out
 
 
-def run_case(model_dir, work_dir, clip, edits, methods=METHODS, seed=0, steps=25):
+def run_case(model_dir, work_dir, clip, edits, methods=METHODS, seed=0, steps=None):
+    """Every method edits with configs/world.yaml's inversion steps, DDIM steps and guidance (edit_settings);
+    `steps` replaces both step counts."""
     from tav.video import frames_to_pixel_values
     from tav.pipeline import TuneAVideoPipeline
+
+    settings = world_demo.edit_settings()
+    if steps:
+        settings = dataclasses.replace(settings, num_inv_steps=steps, num_inference_steps=steps)
+
+    def edit(pipeline, latents=None):
+        return world_demo.edit_clip(pipeline, clip.frames, clip.caption, prompts, settings.num_inv_steps,
+                                    settings.num_inference_steps, settings.guidance_scale, latents=latents,
+                                    seed=seed)
 
     clip_path = world_demo.write_clip(clip, os.path.join(work_dir, "clip.mp4"))
     prompts = [e.caption for e in edits]
@@ -66,27 +78,27 @@ def run_case(model_dir, work_dir, clip, edits, methods=METHODS, seed=0, steps=25
     delta = world_demo.tune(model_dir, clip_path, clip.caption, os.path.join(work_dir, "tuned"))
     tuned = TuneAVideoPipeline.from_pretrained(model_dir, unet=delta)
     pixels = tuned.encode_video(frames_to_pixel_values(clip.frames), seed=seed)
-    inverted = tuned.invert(pixels, steps, prompt=clip.caption)[-1]
+    inverted = tuned.invert(pixels, settings.num_inv_steps, prompt=clip.caption)[-1]
     if "a" in methods:
-        outputs["a"] = world_demo.edit_clip(tuned, clip.frames, clip.caption, prompts, latents=inverted, seed=seed)
+        outputs["a"] = edit(tuned, inverted)
     if "c" in methods:
         outputs["c"] = world_demo.to_uint8_frames(tuned(prompts, video_length=len(clip.frames), height=64, width=64,
-                                                        num_inference_steps=steps,
-                                                        guidance_scale=world_demo.edit_guidance(), seed=seed + 7))
+                                                        num_inference_steps=settings.num_inference_steps,
+                                                        guidance_scale=settings.guidance_scale, seed=seed + 7))
     if "e" in methods:
         delta_e = world_demo.tune(model_dir, clip_path, clip.caption, os.path.join(work_dir, "tuned-full"),
                                   overrides=["frame_policy=full"])
         full = TuneAVideoPipeline.from_pretrained(model_dir, unet=delta_e)
-        outputs["e"] = world_demo.edit_clip(full, clip.frames, clip.caption, prompts, seed=seed)
+        outputs["e"] = edit(full)
     if "b" in methods:
         base = world_demo.untuned_pipeline(model_dir, init_seed=seed)
-        outputs["b"] = world_demo.edit_clip(base, clip.frames, clip.caption, prompts, latents=inverted, seed=seed)
+        outputs["b"] = edit(base, inverted)
     if "d" in methods:
         delta_d = world_demo.tune(model_dir, clip_path, clip.caption, os.path.join(work_dir, "tuned-no-temp"),
                                   overrides=["trainable_modules=[attn1.to_q,attn2.to_q]"])
         off = TuneAVideoPipeline.from_pretrained(model_dir, unet=delta_d)
         switch_off_temporal_attention(off.unet)
-        outputs["d"] = world_demo.edit_clip(off, clip.frames, clip.caption, prompts, seed=seed)
+        outputs["d"] = edit(off)
     for m, frames in outputs.items():
         np.save(os.path.join(work_dir, f"{m}.npy"), np.asarray(frames))
     return {m: [{"kind": kind, "source": clip.caption, "edit": e.caption,
@@ -107,13 +119,16 @@ def main(argv=None):
     parser.add_argument("--methods", default="".join(METHODS))
     parser.add_argument("--work_dir", default="demo_outputs/world-ablation")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="inversion and DDIM steps (default: configs/world.yaml's)")
     args = parser.parse_args(argv)
     from tav import backend
 
     backend.configure(device_target="CPU", mode=0)  # and MindSpore's CPU threads to the cores available
     totals = {m: [] for m in args.methods}
     for i, (clip, edits) in enumerate(cases(args.clips)):
-        result = run_case(args.model_dir, os.path.join(args.work_dir, f"clip{i}"), clip, edits, args.methods)
+        result = run_case(args.model_dir, os.path.join(args.work_dir, f"clip{i}"), clip, edits, args.methods,
+                          steps=args.steps)
         for m, rows in result.items():
             totals[m].extend(rows)
     print(f"{'method':8s} {'edits':12s} {'edit accuracy':>14s} {'on the path':>12s} {'motion px':>10s} "

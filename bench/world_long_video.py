@@ -101,11 +101,16 @@ def edit_long_clip(pipeline, clip, edit_caption, way, window, overlap, steps, se
     """(F, 64, 64, 3) uint8 edit of the whole clip, done `way`."""
     from tav.video import frames_to_pixel_values
 
+    settings = world_demo.edit_settings()
+    inversion_steps, sampling_steps = (steps, steps) if steps else (settings.num_inv_steps,
+                                                                    settings.num_inference_steps)
+
     def invert_and_sample(frames, spec):
         latents = pipeline.encode_video(frames_to_pixel_values(frames), seed=seed)
-        inverted = pipeline.invert(latents, steps, prompt=clip.caption, window=spec)[-1]
-        videos = pipeline([edit_caption], video_length=len(frames), height=64, width=64, num_inference_steps=steps,
-                          guidance_scale=world_demo.edit_guidance(), latents=inverted, seed=seed, window=spec)
+        inverted = pipeline.invert(latents, inversion_steps, prompt=clip.caption, window=spec)[-1]
+        videos = pipeline([edit_caption], video_length=len(frames), height=64, width=64,
+                          num_inference_steps=sampling_steps, guidance_scale=settings.guidance_scale,
+                          latents=inverted, seed=seed, window=spec)
         return world_demo.to_uint8_frames(videos)[0]
 
     if way == "windows":
@@ -116,7 +121,7 @@ def edit_long_clip(pipeline, clip, edit_caption, way, window, overlap, steps, se
     return invert_and_sample(clip.frames, None)
 
 
-def run(model_dir, work_dir, n_frames=96, window=24, overlap=8, steps=25, seed=0, ways=WAYS, tune_steps=None,
+def run(model_dir, work_dir, n_frames=96, window=24, overlap=8, steps=None, seed=0, ways=WAYS, tune_steps=None,
         edit_caption=DEFAULT_EDIT):
     from tav.pipeline import TuneAVideoPipeline
 
@@ -149,7 +154,8 @@ def main(argv=None):
     parser.add_argument("--frames", type=int, default=96)
     parser.add_argument("--window", type=int, default=24)
     parser.add_argument("--overlap", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="inversion and DDIM steps (default: configs/world.yaml's)")
     parser.add_argument("--tune_steps", type=int, default=None, help="default: configs/world.yaml's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--edit", default=DEFAULT_EDIT,

@@ -29,7 +29,7 @@ WAYS = {
 }
 
 
-def run_case(model_dir, work_dir, clip, edits, seed=0, steps=25):
+def run_case(model_dir, work_dir, clip, edits, seed=0):
     from tav.pipeline import TuneAVideoPipeline
 
     clip_path = world_demo.write_clip(clip, os.path.join(work_dir, "clip.mp4"))
@@ -41,8 +41,7 @@ def run_case(model_dir, work_dir, clip, edits, seed=0, steps=25):
                                 overrides=overrides)
         seconds = time.perf_counter() - started
         tuned = TuneAVideoPipeline.from_pretrained(model_dir, unet=delta)
-        frames = world_demo.edit_clip(tuned, clip.frames, clip.caption, prompts, num_inv_steps=steps,
-                                      num_inference_steps=steps, seed=seed)
+        frames = world_demo.edit_clip(tuned, clip.frames, clip.caption, prompts, seed=seed)  # the config's steps
         scores = [world_demo.judge_edit(clip.frames, f, e) for f, e in zip(frames, edits)]
         rows[name] = {"tune_s": seconds, "delta_kb": os.path.getsize(delta) / 1024, "scores": scores}
     return rows

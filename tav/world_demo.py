@@ -8,6 +8,7 @@ frame for frame. Every output frame is then judged by tav.world's reader.
 The job runs through the library calls the tools use (tav.training.train with configs/world.yaml, then
 TuneAVideoPipeline with the tuned delta, as tools/sample.py --unet does).
 """
+import dataclasses
 import os
 
 import numpy as np
@@ -46,12 +47,20 @@ def tune(model_dir, clip_path, prompt, output_dir, config_path=CONFIG, overrides
     return train(load_train_config(config_path, values)).delta_path
 
 
-def edit_guidance(config_path=CONFIG):
-    """`config_path`'s validation_data.guidance_scale: the scale tools/sample.py samples a run tuned with that config
-    at, so the demo, the benches and the tests edit as the issue's commands do."""
+@dataclasses.dataclass(frozen=True)
+class EditSettings:
+    num_inv_steps: int
+    num_inference_steps: int
+    guidance_scale: float
+
+
+def edit_settings(config_path=CONFIG):
+    """`config_path`'s validation_data inversion steps, DDIM steps and guidance scale: what tools/sample.py samples a
+    run tuned with that config at, so the demo, the benches and the tests edit as the issue's commands do."""
     from tav.config import load_train_config
 
-    return load_train_config(config_path).validation_data.guidance_scale
+    validation = load_train_config(config_path).validation_data
+    return EditSettings(validation.num_inv_steps, validation.num_inference_steps, validation.guidance_scale)
 
 
 def untuned_pipeline(model_dir, config_path=CONFIG, init_seed=0):
@@ -67,16 +76,17 @@ def untuned_pipeline(model_dir, config_path=CONFIG, init_seed=0):
     return pipeline
 
 
-def edit_clip(pipeline, clip_frames, source_prompt, prompts, num_inv_steps=25, num_inference_steps=25,
+def edit_clip(pipeline, clip_frames, source_prompt, prompts, num_inv_steps=None, num_inference_steps=None,
               guidance_scale=None, latents=None, seed=0):
     """Invert `clip_frames` ((F, 64, 64, 3) uint8) with the source prompt (unless `latents` is given) and sample
-    each prompt from the inverted noise at `guidance_scale` (None: configs/world.yaml's); returns uint8
-    (len(prompts), F, 64, 64, 3)."""
+    each prompt from the inverted noise; the steps and the guidance scale left None are configs/world.yaml's
+    (edit_settings). Returns uint8 (len(prompts), F, 64, 64, 3)."""
     from tav.video import frames_to_pixel_values
 
-    if guidance_scale is None:
-        guidance_scale = edit_guidance()
-
+    settings = edit_settings()
+    num_inv_steps = settings.num_inv_steps if num_inv_steps is None else num_inv_steps
+    num_inference_steps = settings.num_inference_steps if num_inference_steps is None else num_inference_steps
+    guidance_scale = settings.guidance_scale if guidance_scale is None else guidance_scale
     if latents is None:
         pixels = frames_to_pixel_values(clip_frames)
         encoded = pipeline.encode_video(pixels, seed=seed)
@@ -136,8 +146,9 @@ def run_world_demo(demo_dir="demo_outputs", seed=1, edits=EDITS, config_path=CON
     clip_path = write_clip(clip, os.path.join(demo_dir, "world-clip.mp4"))
     delta = tune(model_dir, clip_path, clip.caption, os.path.join(demo_dir, "world-tuned"), config_path)
     pipeline = TuneAVideoPipeline.from_pretrained(model_dir, unet=delta)
-    edited = edit_clip(pipeline, clip.frames, clip.caption, [s.caption for s in edits],
-                       guidance_scale=edit_guidance(config_path), seed=seed)
+    settings = edit_settings(config_path)
+    edited = edit_clip(pipeline, clip.frames, clip.caption, [s.caption for s in edits], settings.num_inv_steps,
+                       settings.num_inference_steps, settings.guidance_scale, seed=seed)
     out_dir = os.path.join(demo_dir, "world-edits")
     os.makedirs(out_dir, exist_ok=True)
     report = {}

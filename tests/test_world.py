@@ -107,6 +107,18 @@ def test_a_shapes_box_centre_is_read_where_it_was_drawn_whatever_the_shape():
     assert world.read_frame(np.full((64, 64, 3), 128, np.uint8)).box_center is None
 
 
+def test_the_world_edits_sample_at_the_steps_and_guidance_of_the_config(tmp_path):
+    """The demo, the benches and the test edit at what tools/sample.py takes from a run tuned with the config."""
+    from tav.world_demo import CONFIG, edit_settings
+
+    settings = edit_settings()
+    assert (settings.num_inv_steps, settings.num_inference_steps, settings.guidance_scale) == (15, 15, 7.5)
+    other = tmp_path / "world.yaml"
+    text = open(CONFIG).read().replace("num_inference_steps: 15", "num_inference_steps: 30")
+    other.write_text(text.replace("guidance_scale: 7.5", "guidance_scale: 5.0"))
+    assert edit_settings(str(other)) == type(settings)(15, 30, 5.0)
+
+
 def test_frames_on_path_counts_the_right_object_within_one_step_of_the_sources_box():
     from tav.world_demo import judge_edit
 
