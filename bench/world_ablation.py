@@ -14,7 +14,6 @@ Methods:
      and sampling (the delta carries the policy)
 """
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -63,13 +62,10 @@ def run_case(model_dir, work_dir, clip, edits, methods=METHODS, seed=0, steps=No
     from tav.video import frames_to_pixel_values
     from tav.pipeline import TuneAVideoPipeline
 
-    settings = world_demo.edit_settings()
-    if steps:
-        settings = dataclasses.replace(settings, num_inv_steps=steps, num_inference_steps=steps)
+    settings = world_demo.edit_settings(steps=steps)
 
     def edit(pipeline, latents=None):
-        return world_demo.edit_clip(pipeline, clip.frames, clip.caption, prompts, settings.num_inv_steps,
-                                    settings.num_inference_steps, settings.guidance_scale, latents=latents,
+        return world_demo.edit_clip(pipeline, clip.frames, clip.caption, prompts, settings, latents=latents,
                                     seed=seed)
 
     clip_path = world_demo.write_clip(clip, os.path.join(work_dir, "clip.mp4"))

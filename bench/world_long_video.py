@@ -101,15 +101,13 @@ def edit_long_clip(pipeline, clip, edit_caption, way, window, overlap, steps, se
     """(F, 64, 64, 3) uint8 edit of the whole clip, done `way`."""
     from tav.video import frames_to_pixel_values
 
-    settings = world_demo.edit_settings()
-    inversion_steps, sampling_steps = (steps, steps) if steps else (settings.num_inv_steps,
-                                                                    settings.num_inference_steps)
+    settings = world_demo.edit_settings(steps=steps)
 
     def invert_and_sample(frames, spec):
         latents = pipeline.encode_video(frames_to_pixel_values(frames), seed=seed)
-        inverted = pipeline.invert(latents, inversion_steps, prompt=clip.caption, window=spec)[-1]
+        inverted = pipeline.invert(latents, settings.num_inv_steps, prompt=clip.caption, window=spec)[-1]
         videos = pipeline([edit_caption], video_length=len(frames), height=64, width=64,
-                          num_inference_steps=sampling_steps, guidance_scale=settings.guidance_scale,
+                          num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
                           latents=inverted, seed=seed, window=spec)
         return world_demo.to_uint8_frames(videos)[0]
 

@@ -54,13 +54,15 @@ class EditSettings:
     guidance_scale: float
 
 
-def edit_settings(config_path=CONFIG):
+def edit_settings(config_path=CONFIG, steps=None):
     """`config_path`'s validation_data inversion steps, DDIM steps and guidance scale: what tools/sample.py samples a
-    run tuned with that config at, so the demo, the benches and the tests edit as the issue's commands do."""
+    run tuned with that config at, so the demo, the benches and the tests edit as the issue's commands do. `steps`
+    replaces both step counts (the benches' --steps)."""
     from tav.config import load_train_config
 
     validation = load_train_config(config_path).validation_data
-    return EditSettings(validation.num_inv_steps, validation.num_inference_steps, validation.guidance_scale)
+    settings = EditSettings(validation.num_inv_steps, validation.num_inference_steps, validation.guidance_scale)
+    return dataclasses.replace(settings, num_inv_steps=steps, num_inference_steps=steps) if steps else settings
 
 
 def untuned_pipeline(model_dir, config_path=CONFIG, init_seed=0):
@@ -76,24 +78,20 @@ def untuned_pipeline(model_dir, config_path=CONFIG, init_seed=0):
     return pipeline
 
 
-def edit_clip(pipeline, clip_frames, source_prompt, prompts, num_inv_steps=None, num_inference_steps=None,
-              guidance_scale=None, latents=None, seed=0):
+def edit_clip(pipeline, clip_frames, source_prompt, prompts, settings=None, latents=None, seed=0):
     """Invert `clip_frames` ((F, 64, 64, 3) uint8) with the source prompt (unless `latents` is given) and sample
-    each prompt from the inverted noise; the steps and the guidance scale left None are configs/world.yaml's
-    (edit_settings). Returns uint8 (len(prompts), F, 64, 64, 3)."""
+    each prompt from the inverted noise, at `settings` (EditSettings; None: configs/world.yaml's, edit_settings).
+    Returns uint8 (len(prompts), F, 64, 64, 3)."""
     from tav.video import frames_to_pixel_values
 
-    settings = edit_settings()
-    num_inv_steps = settings.num_inv_steps if num_inv_steps is None else num_inv_steps
-    num_inference_steps = settings.num_inference_steps if num_inference_steps is None else num_inference_steps
-    guidance_scale = settings.guidance_scale if guidance_scale is None else guidance_scale
+    settings = settings or edit_settings()
     if latents is None:
         pixels = frames_to_pixel_values(clip_frames)
         encoded = pipeline.encode_video(pixels, seed=seed)
-        latents = pipeline.invert(encoded, num_inv_steps, prompt=source_prompt)[-1]
+        latents = pipeline.invert(encoded, settings.num_inv_steps, prompt=source_prompt)[-1]
     videos = pipeline(list(prompts), video_length=len(clip_frames), height=64, width=64,
-                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latents=latents,
-                      seed=seed)
+                      num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+                      latents=latents, seed=seed)
     return to_uint8_frames(videos)
 
 
@@ -146,9 +144,8 @@ def run_world_demo(demo_dir="demo_outputs", seed=1, edits=EDITS, config_path=CON
     clip_path = write_clip(clip, os.path.join(demo_dir, "world-clip.mp4"))
     delta = tune(model_dir, clip_path, clip.caption, os.path.join(demo_dir, "world-tuned"), config_path)
     pipeline = TuneAVideoPipeline.from_pretrained(model_dir, unet=delta)
-    settings = edit_settings(config_path)
-    edited = edit_clip(pipeline, clip.frames, clip.caption, [s.caption for s in edits], settings.num_inv_steps,
-                       settings.num_inference_steps, settings.guidance_scale, seed=seed)
+    edited = edit_clip(pipeline, clip.frames, clip.caption, [s.caption for s in edits], edit_settings(config_path),
+                       seed=seed)
     out_dir = os.path.join(demo_dir, "world-edits")
     os.makedirs(out_dir, exist_ok=True)
     report = {}

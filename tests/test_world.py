@@ -117,6 +117,7 @@ def test_the_world_edits_sample_at_the_steps_and_guidance_of_the_config(tmp_path
     text = open(CONFIG).read().replace("num_inference_steps: 15", "num_inference_steps: 30")
     other.write_text(text.replace("guidance_scale: 7.5", "guidance_scale: 5.0"))
     assert edit_settings(str(other)) == type(settings)(15, 30, 5.0)
+    assert edit_settings(str(other), steps=25) == type(settings)(25, 25, 5.0)  # the benches' --steps
 
 
 def test_frames_on_path_counts_the_right_object_within_one_step_of_the_sources_box():

@@ -44,11 +44,12 @@ def tuned_edit(tmp_path_factory):
     edit = world.Scene("green", clip.scene.shape, clip.scene.background)
     delta = world_demo.tune(model, clip_path, clip.caption, str(tmp_path / "tuned"))
     tuned = TuneAVideoPipeline.from_pretrained(model, unet=delta)
-    latents = tuned.invert(tuned.encode_video(frames_to_pixel_values(clip.frames), seed=0), EDIT_STEPS,
+    settings = world_demo.edit_settings(steps=EDIT_STEPS)
+    latents = tuned.invert(tuned.encode_video(frames_to_pixel_values(clip.frames), seed=0), settings.num_inv_steps,
                            prompt=clip.caption)[-1]
-    from_inversion = world_demo.edit_clip(tuned, clip.frames, clip.caption, [edit.caption],
-                                          num_inference_steps=EDIT_STEPS, latents=latents)[0]
-    return {"model": model, "clip": clip, "edit": edit, "tuned": tuned, "latents": latents,
+    from_inversion = world_demo.edit_clip(tuned, clip.frames, clip.caption, [edit.caption], settings,
+                                          latents=latents)[0]
+    return {"model": model, "clip": clip, "edit": edit, "tuned": tuned, "latents": latents, "settings": settings,
             "a": world_demo.judge_edit(clip.frames, from_inversion, edit)}
 
 
@@ -56,8 +57,10 @@ def test_an_edit_from_the_inversion_keeps_the_path_and_one_from_noise_does_not(t
     from tav import world_demo
 
     clip, edit, a = tuned_edit["clip"], tuned_edit["edit"], tuned_edit["a"]
-    from_noise = world_demo.to_uint8_frames(tuned_edit["tuned"]([edit.caption], video_length=8, height=64, width=64,
-                                                                num_inference_steps=EDIT_STEPS, seed=7))[0]
+    settings = tuned_edit["settings"]
+    from_noise = world_demo.to_uint8_frames(tuned_edit["tuned"](
+        [edit.caption], video_length=8, height=64, width=64, num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale, seed=7))[0]
     c = world_demo.judge_edit(clip.frames, from_noise, edit)
     assert a["edit_accuracy"] >= 0.6, (a, c)  # the new color, read by the pixel reader, in most frames
     assert a["frames_on_path"] >= 0.6, (a, c)  # and there, on the source's path
@@ -75,7 +78,7 @@ def test_the_tuned_model_keeps_the_edit_nearer_the_path_than_the_untuned_one(tun
     clip, edit, a = tuned_edit["clip"], tuned_edit["edit"], tuned_edit["a"]
     untuned = world_demo.untuned_pipeline(tuned_edit["model"], init_seed=0)
     b = world_demo.judge_edit(clip.frames, world_demo.edit_clip(
-        untuned, clip.frames, clip.caption, [edit.caption], num_inference_steps=EDIT_STEPS,
+        untuned, clip.frames, clip.caption, [edit.caption], tuned_edit["settings"],
         latents=tuned_edit["latents"])[0], edit)
     assert a["frames_on_path"] >= b["frames_on_path"], (a, b)
     assert a["motion_px"] + 2.0 <= b["motion_px"], (a, b)  # nearer the source's path
