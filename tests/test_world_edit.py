@@ -64,7 +64,7 @@ def test_an_edit_from_the_inversion_keeps_the_path_and_one_from_noise_does_not(t
     c = world_demo.judge_edit(clip.frames, from_noise, edit)
     assert a["edit_accuracy"] >= 0.6, (a, c)  # the new color, read by the pixel reader, in most frames
     assert a["frames_on_path"] >= 0.6, (a, c)  # and there, on the source's path
-    # on the source's path by the centroid too (a triangle's sits 2-3 px below its box's centre)
+    # on the source's path by the centroid too, not only by the box
     assert a["motion_px"] <= 4.5, (a, c)
     assert c["motion_px"] >= a["motion_px"] + 8.0, (a, c)  # the inversion is what keeps it there
 
